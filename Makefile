@@ -1,0 +1,48 @@
+# The two commands: `make book` and `make test`. Everything else here is optional.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kdlib-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+CHROMIUM_FLAGS_NOTE := see tests/browser_check.py
+
+.PHONY: book test install lint unit nbval html browser execute clean
+
+## install: create .venv and install kdlib with the pinned versions (skipped when nothing changed)
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[book,dev]"
+	@touch $@
+
+## test: lint, unit tests, notebooks under nbval (smoke profile), book build (-W), browser check
+test: install
+	$(BIN)/ruff check kdlib tests benchmarks
+	$(BIN)/pytest -q tests --ignore=tests/test_browser.py
+	$(MAKE) --no-print-directory nbval html browser
+
+nbval: install
+	@cache=$$(mktemp -d); \
+	KDLIB_PROFILE=smoke KDLIB_CACHE=$$cache $(BIN)/pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-cell-timeout=600 $(NOTEBOOKS); rc=$$?; rm -rf $$cache; exit $$rc
+
+html: install
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+## browser: open every chapter page in headless Chromium (installed from Debian when missing and root)
+browser: install
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed and not root: the browser check will be skipped"; }
+	$(BIN)/pytest -q -rs tests/test_browser.py
+
+## book: execute every notebook with the book profile (cached runs are reused), then build the HTML
+book: install
+	KDLIB_PROFILE=book $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "The book is in $(CURDIR)/_build/html/index.html"
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache

@@ -1,0 +1,126 @@
+"""Command line: ``kdlib train | bench | report`` (``python -m kdlib`` works too).
+
+Every error kdlib raises on purpose (unknown model or method, incompatible pair, corrupt or
+mismatched checkpoint, missing dataset, NaN loss) is printed as one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+from pathlib import Path
+
+from kdlib import KDLibError
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` with a Python literal value (``p=0.3``, ``taps='stages'``, ``truncate=False``)."""
+    if "=" not in text:
+        raise KDLibError(f"method option {text!r} must look like key=value")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a bare word is a string
+
+
+def _config_from_args(args):
+    from kdlib.profiles import get_profile
+
+    profile = get_profile(args.profile)
+    options = dict(_parse_option(o) for o in args.option or [])
+    cfg = profile.config(args.method, student=args.student, teacher=args.teacher, seed=args.seed, **options)
+    if args.dataset and args.dataset != cfg.data.name:
+        data = dataclasses.replace(cfg.data, name=args.dataset)
+        cfg = cfg.replace(data=data, teacher=cfg.teacher.replace(data=data) if cfg.teacher else None)
+    if args.epochs:
+        cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, epochs=args.epochs))
+    if args.data_root or args.download:
+        data = dataclasses.replace(cfg.data, root=args.data_root or cfg.data.root, download=args.download)
+        cfg = cfg.replace(data=data, teacher=cfg.teacher.replace(data=data) if cfg.teacher else None)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from kdlib.results import REPO_RESULTS, export_record, run_dir
+    from kdlib.train import EngineOptions, run
+
+    cfg = _config_from_args(args)
+    record = run(cfg, options=EngineOptions(device=args.device, progress=not args.quiet))
+    print(f"top-1 last {record['top1_last']:.2f} %, best {record['top1_best']:.2f} % (epoch {record['best_epoch']})")
+    print(f"record: {run_dir(cfg) / 'record.json'}")
+    if args.export:
+        out = Path(args.export) if args.export != "results" else REPO_RESULTS / cfg.profile
+        print(f"exported: {export_record(record, out)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from kdlib.bench import run_grid
+
+    run_grid(args.profile, methods=args.methods, seeds=args.seeds, out=args.out, device=args.device,
+             progress=not args.quiet)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kdlib.results import SUMMARY_COLUMNS, load_records, markdown_table, summarise
+
+    records = load_records(args.results)
+    if not records:
+        raise KDLibError(f"no run records in {args.results}")
+    print(markdown_table(summarise(records), SUMMARY_COLUMNS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdlib", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (cached: a finished run is returned, an interrupted one resumed)")
+    t.add_argument("--method", default="kd")
+    t.add_argument("--student")
+    t.add_argument("--teacher")
+    t.add_argument("--dataset", help="shapes | cifar10 | cifar100 (default: the profile's)")
+    t.add_argument("--profile", help="smoke | book | paper (default: $KDLIB_PROFILE or smoke)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, help="override the profile's epoch count")
+    t.add_argument("--option", "-o", action="append", help="method option key=value (repeatable)")
+    t.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    t.add_argument("--data-root", help="dataset folder (CIFAR)")
+    t.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    t.add_argument("--export", nargs="?", const="results", help="copy the record into results/<profile>/ or DIR")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="run a grid of methods × seeds on a profile's pair(s), write results/")
+    b.add_argument("--profile")
+    b.add_argument("--methods", nargs="+")
+    b.add_argument("--seeds", nargs="+", type=int)
+    b.add_argument("--out", help="results folder (default results/<profile>)")
+    b.add_argument("--device")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="print the summary table of a results folder")
+    r.add_argument("results", nargs="?", default="results/book")
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KDLibError as e:
+        print(f"kdlib: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdlib: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

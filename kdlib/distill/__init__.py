@@ -1,0 +1,27 @@
+"""Distillers by name. Each method lives in the module named after it.
+
+=================  =============================  ====================================
+name               class                          module
+=================  =============================  ====================================
+``vanilla``        :class:`Vanilla`               ``kdlib/distill/vanilla.py``
+``kd``             :class:`KD`                    ``kdlib/distill/kd.py``
+``fitnets``        :class:`FitNets`               ``kdlib/distill/fitnets.py``
+``at``             :class:`AT`                    ``kdlib/distill/at.py``
+=================  =============================  ====================================
+"""
+
+from kdlib.distill import at, fitnets, kd, vanilla  # noqa: F401  (registration)
+from kdlib.distill.base import (  # noqa: F401
+    Distiller,
+    IncompatibleModelsError,
+    NonFiniteLossError,
+    check_finite,
+    kd_loss,
+)
+from kdlib.distill.registry import (  # noqa: F401
+    create_distiller,
+    distiller_class,
+    distiller_options,
+    list_distillers,
+    register_distiller,
+)

@@ -1,0 +1,129 @@
+"""The Distiller base class (mdistiller style).
+
+``forward_train(x, y)`` returns the student's logits and a dict of named, already-weighted loss
+terms; the engine sums them. The teacher is frozen, never leaves ``eval()`` and runs under
+``no_grad``. Extra trainable modules (regressors, attention heads) live in ``self.extras`` so the
+optimiser sees them and checkpoints hold them; the teacher's weights are not checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdlib import KDLibError
+from kdlib.features import FeatureTap
+
+
+class NonFiniteLossError(KDLibError):
+    """A loss term became NaN or infinite; the message names the term and the step."""
+
+
+class IncompatibleModelsError(KDLibError):
+    """The teacher and student cannot be paired by this method (e.g. unmatched stage counts)."""
+
+
+@torch.no_grad()
+def feature_shapes(
+    model: nn.Module, names: list[str], image_size: int = 32
+) -> dict[str, tuple[int, ...]]:
+    """Shapes (C, H, W) of the named features for one input, without touching BN statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with FeatureTap(model, names) as tap:
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+            return {n: tuple(tap[n].shape[1:]) for n in names}
+    finally:
+        model.train(was_training)
+
+
+class Distiller(nn.Module):
+    """Base class: student + frozen teacher + extra trainable modules."""
+
+    method_name = "base"
+    needs_teacher = True
+    #: Distillers that run their own backward (LAKD's memory-saving mode) set this to True.
+    custom_backward = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher.eval()
+        self.extras = nn.ModuleDict()
+
+    # --- modes -----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # BN statistics and dropout of the teacher never change
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: the student's logits."""
+        return self.student(x)
+
+    # --- what the optimiser and the checkpoints see -------------------------------------------
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + list(self.extras.parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict without the teacher (its weights come from the teacher's own run)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise KDLibError(
+                f"checkpoint does not match method {self.method_name!r}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+    # --- training ------------------------------------------------------------------------------
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+        """Forward, check every term is finite, backward. The engine steps the optimiser.
+
+        Returns the logits and the detached loss terms.
+        """
+        logits, losses = self.forward_train(x, y)
+        check_finite(losses, step)
+        sum(losses.values()).backward()
+        return logits.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def on_epoch_end(self, epoch: int, mean_losses: dict[str, float]) -> None:
+        """Called by the engine after each training epoch (AFT-KD adapts its weights here)."""
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first NaN/inf term.
+
+    One device sync per step: the check is the point (a NaN must stop the run, not poison it).
+    """
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if not bool(torch.isfinite(values).all()):
+        for name, v in zip(losses, values.tolist(), strict=True):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(f"loss term {name!r} is {v} at step {step}")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hinton KD: ``τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ))``, summed over classes, batch mean."""
+    log_ps = F.log_softmax(student_logits / tau, dim=1)
+    log_pt = F.log_softmax(teacher_logits / tau, dim=1)
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau * tau
