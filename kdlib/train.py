@@ -163,11 +163,22 @@ def run(cfg: RunConfig, *, options: EngineOptions | None = None, root: Path | No
     record = find_record(cfg, root)
     if record is not None:
         return record
+    validate(cfg)  # fail in a second, not after the teacher has trained
     teacher = None
     if cfg.teacher is not None:
         run(cfg.teacher, options=options, root=root)  # cached after the first student asks
         teacher = load_model(cfg.teacher, root=root)
     return _fit(cfg, teacher, options, root)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check names, options and the teacher/student pairing by building the distiller once."""
+    if cfg.data.name not in ("shapes", "cifar10", "cifar100"):
+        raise KDLibError(f"unknown dataset {cfg.data.name!r}; choose shapes, cifar10 or cifar100")
+    k = num_classes(cfg)
+    student = create_model(cfg.student, num_classes=k)
+    teacher = create_model(cfg.teacher.student, num_classes=k) if cfg.teacher is not None else None
+    create_distiller(cfg.method, student, teacher, **dict(cfg.method_options))
 
 
 def load_model(cfg: RunConfig, root: Path | None = None, device: str | torch.device = "cpu") -> nn.Module:

@@ -6,11 +6,15 @@ name               class                          module
 ``vanilla``        :class:`Vanilla`               ``kdlib/distill/vanilla.py``
 ``kd``             :class:`KD`                    ``kdlib/distill/kd.py``
 ``fitnets``        :class:`FitNets`               ``kdlib/distill/fitnets.py``
+``aftkd``          :class:`AFTKD`                 ``kdlib/distill/aftkd.py``
 ``at``             :class:`AT`                    ``kdlib/distill/at.py``
+``afd``            :class:`AFD`                   ``kdlib/distill/afd.py``
+``sakd``           :class:`SAKD`                  ``kdlib/distill/sakd.py``
+``sam_kd``         :class:`SpatialAttentionKD`    ``kdlib/distill/spatial_attention.py``
 =================  =============================  ====================================
 """
 
-from kdlib.distill import at, fitnets, kd, vanilla  # noqa: F401  (registration)
+from kdlib.distill import afd, aftkd, at, fitnets, kd, sakd, spatial_attention, vanilla  # noqa: F401  (registration)
 from kdlib.distill.base import (  # noqa: F401
     Distiller,
     IncompatibleModelsError,

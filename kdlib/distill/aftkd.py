@@ -27,9 +27,10 @@ Options (keyword-only):
 
         B(F) = F ⊙ Â(F),   Â(F) = √(HW) · a(F) reshaped to B×1×H×W (broadcast over channels),
 
-    with ``L_afb = Σ_l MSE(B(φ_l(F_s^l)) using Â(F_s^l), B(F_t^l))`` - i.e. the student's adapted
-    feature times the student's attention against the teacher's feature times the teacher's
-    attention. The factor √(HW) gives ``Â`` unit mean square, so ``B(F)`` keeps the scale of
+    and ``L_afb = Σ_l MSE(φ_l(F_s^l) ⊙ Â(F_s^l), F_t^l ⊙ Â(F_t^l))``: the student's mapped feature
+    gated by the student's own attention against the teacher's feature gated by the teacher's
+    (with channel pooling: the pooled teacher feature, gated by the full teacher feature's
+    attention). The factor √(HW) gives ``Â`` unit mean square, so ``B(F)`` keeps the scale of
     ``F`` and ``λ_afb = λ_feat = 100`` is a sensible default. The terms are then ``kd`` and
     ``afb`` (K = 2 losses for the weighting).
 ``align``
@@ -37,7 +38,7 @@ Options (keyword-only):
     trained with the student. ``"channel_pool"``: parameter-free; the student side stays raw and
     the teacher's ``C_t`` channels are averaged in ``C_s`` consecutive groups (adaptive average
     pooling over the channel axis: group ``i`` covers channels ``⌊i·C_t/C_s⌋ … ⌈(i+1)·C_t/C_s⌉−1``,
-    i.e. exact equal groups when ``C_s`` divides ``C_t``, overlapping by one channel otherwise).
+    i.e. equal disjoint groups when ``C_s`` divides ``C_t``, windows that may overlap otherwise).
     It needs ``C_t ≥ C_s``.
 
 The spatial pooling comes before ``φ_l``: a 1×1 conv commutes with average pooling, so this only

@@ -86,8 +86,13 @@ class LossWeighting(nn.Module):
         return self._weights
 
     def weights_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: 0-d weight tensor}`` for the next step (indexing only, no host sync)."""
-        return {n: self._weights[i] for i, n in enumerate(self.names)}
+        """``{name: 0-d weight tensor}`` for the next step (on the device, no host sync).
+
+        A snapshot (clone), not views of the buffer: :meth:`observe` may update the buffer in
+        place before the caller multiplies, and autograd must keep the value that was used.
+        """
+        w = self._weights.detach().clone()
+        return {n: w[i] for i, n in enumerate(self.names)}
 
     @property
     def raw_loss_history(self) -> list[dict[str, float]]:

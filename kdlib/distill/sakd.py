@@ -20,6 +20,11 @@ Dropout forms (``dropout_form``):
   kept entries share the mass; a row with every logit dropped keeps all of them (otherwise the
   softmax would be 0/0). The original DropKey adds ``−1e12`` instead, which turns such a row into a
   uniform one; ``−∞`` with the rescue keeps the attention's own preferences.
+  Note: a softmax over the kept logits is ``α_j / Σ_kept α``, so given the same mask DropKey
+  *equals* ``"renorm"`` (a test checks the values; the functions being equal, so are their
+  gradients). Li et al. set DropKey against dropout applied after the softmax (the ``"inverted"``
+  form), not against drop-and-renormalise; the ablation should show ``"renorm"`` and ``"dropkey"``
+  agreeing up to rounding, which is itself worth saying in the chapter.
 
 The keep-mask ``m`` is one ``Bernoulli(1−p)`` draw of shape ``B×S×T`` (``torch.bernoulli``) rather
 than ``F.dropout``, so the three forms share one draw and the figures can seed it with a

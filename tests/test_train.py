@@ -1,0 +1,151 @@
+"""The engine: schedules, records and the cache, resume after SIGKILL, NaN stops, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlib import KDLibError
+from kdlib.config import DataConfig, OptimConfig, RunConfig
+from kdlib.distill import Distiller, register_distiller
+from kdlib.results import config_hash, find_record, run_dir
+from kdlib.train import CHECKPOINT, EngineOptions, load_checkpoint, load_model, lr_factor, run
+
+TINY_DATA = DataConfig(name="shapes", batch_size=32, train_size=96, test_size=64)
+TINY_OPTIM = OptimConfig(epochs=3, lr=0.05, schedule="cosine", warmup_frac=0.1, nesterov=True)
+QUIET = EngineOptions(device="cpu", progress=False)
+
+
+def tiny_cfg(method="vanilla", seed=0, **options) -> RunConfig:
+    teacher = None
+    if method != "vanilla":
+        teacher = RunConfig(student="resnet8", data=TINY_DATA, optim=TINY_OPTIM.__class__(epochs=2), seed=0)
+    cfg = RunConfig(student="resnet8", method=method, teacher=teacher, data=TINY_DATA, optim=TINY_OPTIM, seed=seed)
+    return cfg.with_options(**options) if options else cfg
+
+
+def test_lr_schedules():
+    multi = OptimConfig(epochs=240, lr=0.05, schedule="multistep", milestones=(150, 180, 210))
+    assert lr_factor(multi, 149 * 10, 10) == 1.0
+    assert lr_factor(multi, 150 * 10, 10) == pytest.approx(0.1)
+    assert lr_factor(multi, 239 * 10, 10) == pytest.approx(1e-3)
+    cos = OptimConfig(epochs=10, schedule="cosine", warmup_frac=0.1)
+    assert lr_factor(cos, 0, 10) == pytest.approx(0.1)  # warm-up: 10 steps, step 0 -> 1/10
+    assert lr_factor(cos, 9, 10) == pytest.approx(1.0)
+    assert lr_factor(cos, 10, 10) == pytest.approx(1.0)
+    assert lr_factor(cos, 55, 10) == pytest.approx(0.5, abs=1e-9)
+    with pytest.raises(KDLibError, match="unknown schedule"):
+        lr_factor(OptimConfig(schedule="step"), 0, 1)
+
+
+def test_run_writes_a_complete_record_and_is_cached(tmp_path, monkeypatch):
+    cfg = tiny_cfg("kd")
+    rec = run(cfg, options=QUIET, root=tmp_path)
+    assert rec["status"] == "complete" and rec["hash"] == config_hash(cfg)
+    assert len(rec["history"]) == 3
+    assert set(rec["history"][0]["losses"]) == {"ce", "kd"}
+    assert rec["top1_best"] >= rec["top1_last"]
+    assert rec["config"]["teacher"]["student"] == "resnet8"
+    assert {"kdlib", "torch", "torchvision", "python"} <= set(rec["versions"])
+    assert rec["device"].startswith("cpu") and rec["wall_time_s"] > 0
+    # The teacher was trained by the same engine and cached.
+    assert find_record(cfg.teacher, tmp_path) is not None
+    # A second call returns the record without training.
+    monkeypatch.setattr("kdlib.train._fit", lambda *a, **k: pytest.fail("trained a cached run again"))
+    assert run(cfg, options=QUIET, root=tmp_path) == rec
+    model = load_model(cfg, root=tmp_path)
+    assert not model.training
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    a = run(tiny_cfg(seed=0), options=QUIET, root=tmp_path / "a")
+    b = run(tiny_cfg(seed=0), options=QUIET, root=tmp_path / "b")
+    c = run(tiny_cfg(seed=1), options=QUIET, root=tmp_path / "c")
+    strip = lambda r: [{k: v for k, v in h.items() if k != "time_s"} for h in r["history"]]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+@register_distiller("test_nan")
+class _NaNAfterTwoSteps(Distiller):
+    needs_teacher = False
+
+    def __init__(self, student, teacher=None):
+        super().__init__(student, None)
+        self.calls = 0
+
+    def forward_train(self, x, y):
+        self.calls += 1
+        logits = self.student(x)
+        bad = torch.tensor(float("nan")) if self.calls > 2 else torch.tensor(0.0)
+        return logits, {"ce": torch.nn.functional.cross_entropy(logits, y), "aux": bad + 0 * logits.sum()}
+
+
+def test_nan_loss_stops_the_run_naming_term_and_step(tmp_path):
+    with pytest.raises(KDLibError, match=r"loss term 'aux' is nan at step 2"):
+        run(tiny_cfg("test_nan"), options=QUIET, root=tmp_path)
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
+    cfg = tiny_cfg()
+    run(cfg.replace(optim=TINY_OPTIM.__class__(epochs=1)), options=QUIET, root=tmp_path)
+    folder = run_dir(cfg, tmp_path)
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(KDLibError, match="corrupt"):
+        run(cfg, options=QUIET, root=tmp_path)
+    other = run_dir(cfg.replace(optim=TINY_OPTIM.__class__(epochs=1)), tmp_path) / CHECKPOINT
+    (folder / CHECKPOINT).write_bytes(other.read_bytes())
+    with pytest.raises(KDLibError, match="another config"):
+        load_checkpoint(folder / CHECKPOINT, config_hash(cfg))
+
+
+def _final_state(folder: Path) -> dict:
+    return torch.load(folder / "student.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_weights_and_metrics(tmp_path):
+    """Kill a training subprocess mid-run, resume it, compare with an uninterrupted run."""
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
+        "from test_train import long_cfg, EngineOptions, run;"
+        "run(long_cfg(), options=EngineOptions(device='cpu', progress=False), root=Path(sys.argv[1]))"
+    )
+    cfg = long_cfg()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed), str(Path(__file__).parent)], env=env)
+    ckpt = run_dir(cfg, killed) / CHECKPOINT
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir(cfg, killed) / "record.json").exists()
+
+    resumed = run(cfg, options=QUIET, root=killed)
+    straight = run(cfg, options=QUIET, root=tmp_path / "straight")
+    a, b = _final_state(run_dir(cfg, killed)), _final_state(run_dir(cfg, tmp_path / "straight"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda r: [{k: v for k, v in h.items() if k != "time_s"} for h in r["history"]]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    assert resumed["top1_last"] == straight["top1_last"]
+    json.dumps(resumed)  # the record is plain JSON
+
+
+def long_cfg() -> RunConfig:
+    cfg = tiny_cfg("kd")
+    return cfg.replace(optim=cfg.optim.__class__(**{**cfg.optim.__dict__, "epochs": 6}))
