@@ -39,8 +39,7 @@ browser: install
 
 ## book: execute every notebook with the book profile (cached runs are reused), then build the HTML
 book: install
-	KDLIB_PROFILE=book $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
+	KDLIB_PROFILE=book $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3 $(NOTEBOOKS)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is in $(CURDIR)/_build/html/index.html"
 

@@ -30,13 +30,13 @@ PARAMS_M = {
 }
 
 _R16 = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+_R32 = [(32, 32, 32), (64, 16, 16), (128, 8, 8)]
 _R64 = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
 _VGG = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]
 STAGE_SHAPES = {
     **{f"resnet{d}": _R16 for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": _R64, "resnet32x4": _R64,
-    "wrn_16_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8)], "wrn_40_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8)],
-    "wrn_16_1": _R16, "wrn_40_1": _R16,
+    "wrn_16_2": _R32, "wrn_40_2": _R32, "wrn_16_1": _R16, "wrn_40_1": _R16,
     **{f"vgg{d}": _VGG for d in (8, 11, 13, 16, 19)},
     # documented in the model files' docstrings (RepDistiller's feature points)
     "ResNet50": [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)],
@@ -291,10 +291,11 @@ def functional_wrn(sd, x, blocks):
         for j in range(blocks):
             p, stride = f"stages.{i}.{j}", (2 if i > 0 and j == 0 else 1)
             act = F.relu(_bn(sd, f"{p}.bn1", x))
-            out = F.relu(_bn(sd, f"{p}.bn2", F.conv2d(act, sd[f"{p}.conv1.weight"], stride=stride, padding=1)))
-            out = F.conv2d(out, sd[f"{p}.conv2.weight"], padding=1)
-            short = F.conv2d(act, sd[f"{p}.shortcut.weight"], stride=stride) if f"{p}.shortcut.weight" in sd else x
-            x = short + out
+            out = F.conv2d(act, sd[f"{p}.conv1.weight"], stride=stride, padding=1)
+            out = F.conv2d(F.relu(_bn(sd, f"{p}.bn2", out)), sd[f"{p}.conv2.weight"], padding=1)
+            if f"{p}.shortcut.weight" in sd:
+                x = F.conv2d(act, sd[f"{p}.shortcut.weight"], stride=stride)
+            x = x + out
     x = F.relu(_bn(sd, "head.bn", x))
     return F.linear(x.mean((2, 3)), sd["head.fc.weight"], sd["head.fc.bias"])
 

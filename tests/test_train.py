@@ -115,8 +115,9 @@ def _final_state(folder: Path) -> dict:
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_weights_and_metrics(tmp_path):
     """Kill a training subprocess mid-run, resume it, compare with an uninterrupted run."""
+    # Same thread count as this process (conftest: 1): CPU float reductions depend on it.
     script = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
+        "import sys, torch; from pathlib import Path; sys.path.insert(0, sys.argv[2]); torch.set_num_threads(1);"
         "from test_train import long_cfg, EngineOptions, run;"
         "run(long_cfg(), options=EngineOptions(device='cpu', progress=False), root=Path(sys.argv[1]))"
     )

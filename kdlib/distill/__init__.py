@@ -9,12 +9,13 @@ name               class                          module
 ``aftkd``          :class:`AFTKD`                 ``kdlib/distill/aftkd.py``
 ``at``             :class:`AT`                    ``kdlib/distill/at.py``
 ``afd``            :class:`AFD`                   ``kdlib/distill/afd.py``
+``lakd``           :class:`LAKD`                  ``kdlib/distill/lakd.py``
 ``sakd``           :class:`SAKD`                  ``kdlib/distill/sakd.py``
 ``sam_kd``         :class:`SpatialAttentionKD`    ``kdlib/distill/spatial_attention.py``
 =================  =============================  ====================================
 """
 
-from kdlib.distill import afd, aftkd, at, fitnets, kd, sakd, spatial_attention, vanilla  # noqa: F401  (registration)
+from kdlib.distill import afd, aftkd, at, fitnets, kd, lakd, sakd, spatial_attention, vanilla  # noqa: F401  (registration)
 from kdlib.distill.base import (  # noqa: F401
     Distiller,
     IncompatibleModelsError,

@@ -16,13 +16,15 @@ is trained only by its own losses:
 
 Loss terms returned (each already weighted, so the engine's sum is ``L``):
 
-==========  =================================================  ======================
-name        value                                              module it trains
-==========  =================================================  ======================
-``ce``      ``α·L_h``                                          last module
-``att/k``   ``(1−α)·att_weight·L_att^k`` (``ndam`` "loss"/"both")  module k
-``lf/k``    ``β·L_lf^k``                                       module k (and φ_k)
-==========  =================================================  ======================
+==========  ==============================  ==================  ============================
+name        value                           present when        trains
+==========  ==============================  ==================  ============================
+``ce``      ``α·L_h``                       always              the last module
+``att/k``   ``(1−α)·att_weight·L_att^k``    ndam "loss"/"both"  module k
+``lf/k``    ``β·L_lf^k``                    always              module k and φ_k
+==========  ==============================  ==================  ============================
+
+Keys come in the order ``ce, att/0.., lf/0..``; :meth:`LAKD.module_loss_names` lists module k's.
 
 Options:
 
@@ -38,7 +40,11 @@ Options:
 - ``memory_saving=True``: :meth:`LAKD.train_step` runs module k's forward, its losses and its
   backward, and frees its graph *before* module k+1 runs; only one module's activations are ever
   alive. The gradients are the same as with one backward over the summed loss (truncation makes
-  the modules' graphs disjoint). Needs ``truncate=True``.
+  the modules' graphs disjoint). Needs ``truncate=True``. The teacher still runs once up front,
+  so its stage maps stay alive until their module's backward. What this saves depends on how the
+  activations are spread: in a CIFAR ResNet stage 0 runs at full resolution and holds more than
+  half of them, and a single backward has freed the deeper modules' graphs by the time it reaches
+  module 0, so the saving is the deeper modules' share (measure it: :mod:`kdlib.memory`).
 """
 
 from __future__ import annotations
@@ -99,6 +105,10 @@ def channel_projection(c_student: int, c_teacher: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(c_student, c_teacher, 1, bias=False), nn.BatchNorm2d(c_teacher))
 
 
+def _refresh_epoch_mirror(module: LAKD, _incompatible_keys) -> None:
+    module._epochs_done = int(module.epochs_done)
+
+
 # --- the distiller ---------------------------------------------------------------------------------
 @register_distiller("lakd")
 class LAKD(Distiller):
@@ -142,7 +152,11 @@ class LAKD(Distiller):
         self.truncate, self.ndam, self.curriculum = truncate, ndam, curriculum
         self.memory_saving = memory_saving
         self.custom_backward = memory_saving
+        # Finished epochs: a buffer so checkpoints carry it, mirrored in a Python int so that asking
+        # which modules are released never waits on the GPU.
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
+        self._epochs_done = 0
+        self.register_load_state_dict_post_hook(_refresh_epoch_mirror)
 
     @staticmethod
     def _check_options(alpha, ndam, curriculum, truncate, memory_saving) -> None:
@@ -183,10 +197,11 @@ class LAKD(Distiller):
 
     def released(self, k: int) -> bool:
         """Whether module k's losses count yet (always, without a curriculum)."""
-        return int(self.epochs_done) >= self.curriculum * k
+        return self._epochs_done >= self.curriculum * k
 
     def on_epoch_end(self, epoch: int, mean_losses: dict[str, float]) -> None:
-        self.epochs_done += 1
+        self._epochs_done += 1
+        self.epochs_done.fill_(self._epochs_done)
 
     # --- forward pieces --------------------------------------------------------------------------
     @torch.no_grad()

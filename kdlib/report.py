@@ -1,0 +1,100 @@
+"""What the notebooks call to train, tabulate and plot: thin layers over the engine and records.
+
+``runs(profile, method, ...)`` trains (or loads from the cache) one run per seed; in the ``book``
+profile it also exports each record into ``results/book/`` so that every number the book shows is
+a committed record. ``table`` and ``plot_curves`` read records only.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from kdlib.profiles import get_profile
+from kdlib.results import REPO_RESULTS, export_record, fmt_mean_std, markdown_table
+from kdlib.train import EngineOptions, load_model, run
+
+
+def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, progress=True,
+         **options) -> list[dict]:
+    """One record per seed (cached runs are reused); book-profile records go to results/book/."""
+    prof = get_profile(profile)
+    out = []
+    for seed in prof.seeds if seeds is None else seeds:
+        cfg = prof.config(method, student=student, teacher=teacher, seed=seed, **options)
+        rec = run(cfg, options=EngineOptions(progress=progress))
+        if prof.name == "book":
+            export_record(rec, REPO_RESULTS / "book")
+        out.append(rec)
+    return out
+
+
+def teacher_record(profile: str, teacher: str | None = None) -> dict:
+    prof = get_profile(profile)
+    rec = run(prof.teacher_config(teacher))
+    if prof.name == "book":
+        export_record(rec, REPO_RESULTS / "book")
+    return rec
+
+
+def model_of(record: dict):
+    """The trained student of a record (eval mode, CPU)."""
+    from kdlib.config import RunConfig
+
+    return load_model(RunConfig.from_dict(record["config"]))
+
+
+def table(groups: dict[str, list[dict]], highlight: str | None = None) -> str:
+    """Markdown table: top-1 last and best (mean ± std over seeds), seeds, s/epoch."""
+    rows = []
+    for label, recs in groups.items():
+        name = f"**{label}**" if label == highlight else label
+        rows.append({
+            "run": name,
+            "seeds": len(recs),
+            "last": fmt_mean_std([r["top1_last"] for r in recs]),
+            "best": fmt_mean_std([r["top1_best"] for r in recs]),
+            "time": float(np.mean([r["wall_time_s"] / len(r["history"]) for r in recs])),
+        })
+    return markdown_table(rows, [("run", "run"), ("seeds", "seeds"), ("last", "top-1 last epoch (%)"),
+                                 ("best", "top-1 best epoch (%)"), ("time", "s / epoch")])
+
+
+def curve(records: list[dict], key: str) -> np.ndarray:
+    """seeds × epochs array of a history key (``test_acc``, ``train_acc``) or a loss term."""
+    def value(h):
+        return h[key] if key in h else h["losses"].get(key, np.nan)
+    return np.array([[value(h) for h in r["history"]] for r in records], dtype=float)
+
+
+def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, ylabel=None):
+    """Mean over seeds with a min–max band, one line per group."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for label, recs in groups.items():
+        c = curve(recs, key)
+        x = np.arange(1, c.shape[1] + 1)
+        ax.plot(x, c.mean(0), label=label)
+        if len(recs) > 1:
+            ax.fill_between(x, c.min(0), c.max(0), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel or key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_loss_terms(records: list[dict], ax=None, title=None):
+    """Every loss term of one method over epochs (mean over seeds), log scale."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for term in records[0]["history"][0]["losses"]:
+        c = curve(records, term)
+        ax.plot(np.arange(1, c.shape[1] + 1), c.mean(0), label=term)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted loss term")
+    ax.set_title(title or records[0]["config"]["method"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
