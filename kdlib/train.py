@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdlib import KDLibError
+from kdlib import KDLibError, distributed
 from kdlib.config import OptimConfig, RunConfig
 from kdlib.data import get_loaders
 from kdlib.distill import create_distiller
@@ -57,7 +58,7 @@ class EngineOptions:
     amp: bool | None = None  # None: on for cuda, off for cpu
     compile: bool = False
     progress: bool = True
-    stop_after_epoch: int | None = None  # for tests: end the process's work after this epoch
+    on_end: Callable[[nn.Module], None] | None = None  # called with the trained distiller, on every rank
 
     def resolve_device(self) -> torch.device:
         if self.device:
@@ -194,19 +195,35 @@ def num_classes(cfg: RunConfig) -> int:
 
 
 def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root: Path | None) -> dict:
-    device = options.resolve_device()
+    device = distributed.device_for_rank(options.resolve_device())
+    is_distributed = distributed.setup(device)
+    rank, world_size = distributed.world()
+    main_process = rank == 0
     folder = run_dir(cfg, root)
     folder.mkdir(parents=True, exist_ok=True)
     key = config_hash(cfg)
     seed_everything(cfg.seed)
 
     bundle = get_loaders(cfg.data, device=device, seed=cfg.seed)
+    if is_distributed:
+        bundle.train.shard(rank, world_size)
     student = create_model(cfg.student, num_classes=bundle.num_classes)
     if teacher is not None:
         teacher = teacher.to(device)
     distiller = create_distiller(cfg.method, student, teacher, **dict(cfg.method_options)).to(device)
     if options.channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
+    if options.compile:  # in place (nn.Module.compile): parameter names and forward hooks stay as they are
+        distiller.student.compile()
+        if teacher is not None:
+            teacher.compile()
+    forward = None  # the distiller's own forward_train, unless DDP must see the forward
+    if is_distributed:
+        if distiller.custom_backward:
+            raise KDLibError(f"method {cfg.method!r} runs its own backward (memory_saving): not under torchrun")
+        # DDP hooks average the gradients of student and extras across ranks during backward;
+        # find_unused_parameters: LAKD's curriculum leaves unreleased modules without gradients.
+        forward = torch.nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
     use_amp = (device.type == "cuda") if options.amp is None else (options.amp and device.type == "cuda")
     params = distiller.learnable_parameters()
     optimizer = make_optimizer(distiller, params, cfg.optim)
@@ -236,7 +253,7 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         total=cfg.optim.epochs,
         initial=start_epoch,
         desc=f"{cfg.method} {cfg.student}",
-        disable=not options.progress,
+        disable=not (options.progress and main_process),
         file=sys.stdout,
         dynamic_ncols=False,
         ncols=100,
@@ -244,37 +261,35 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
     )
     for epoch in bar:
         t0 = time.perf_counter()
-        row = _train_epoch(distiller, bundle.train, optimizer, scheduler, epoch, steps_per_epoch, use_amp, options)
+        row = train_epoch(distiller, bundle.train, optimizer, scheduler, epoch, steps_per_epoch, use_amp, options,
+                          forward=forward)
+        distributed.sync_buffers(distiller)  # every rank ends the epoch with rank 0's BN statistics
         distiller.on_epoch_end(epoch, row["losses"])
         row["test_acc"] = evaluate(distiller.student, bundle.test, device)
         row["time_s"] = time.perf_counter() - t0
         elapsed += row["time_s"]
         history.append(row)
         bar.set_postfix(loss=f"{sum(row['losses'].values()):.3f}", test=f"{row['test_acc']:.1f}")
-        save_atomic(
-            {
-                "config_hash": key,
-                "epoch": epoch + 1,
-                "distiller": distiller.trainable_state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "python": random.getstate(),
+        if main_process:
+            save_atomic(
+                {
+                    "config_hash": key,
+                    "epoch": epoch + 1,
+                    "distiller": distiller.trainable_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "python": random.getstate(),
+                    },
+                    "history": history,
+                    "elapsed_s": elapsed,
                 },
-                "history": history,
-                "elapsed_s": elapsed,
-            },
-            ckpt_path,
-        )
-        if options.stop_after_epoch is not None and epoch + 1 >= options.stop_after_epoch:
-            bar.close()
-            return {"status": "stopped", "epoch": epoch + 1, "name": run_name(cfg)}
+                ckpt_path,
+            )
     bar.close()
 
-    student_state = {k: v.contiguous() for k, v in distiller.student.state_dict().items()}
-    save_atomic(student_state, folder / WEIGHTS)
     accs = [h["test_acc"] for h in history]
     best = max(range(len(accs)), key=accs.__getitem__)
     record = {
@@ -293,9 +308,16 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         "best_epoch": best + 1,
         "wall_time_s": elapsed,
         "peak_memory": _peak_memory(device),
+        "world_size": world_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json_atomic(folder / RECORD, record)
+    if options.on_end is not None:
+        options.on_end(distiller)
+    if main_process:
+        student_state = {k: v.contiguous() for k, v in distiller.student.state_dict().items()}
+        save_atomic(student_state, folder / WEIGHTS)
+        write_json_atomic(folder / RECORD, record)
+    distributed.barrier()  # the other ranks may go on to load what rank 0 just wrote
     return record
 
 
@@ -305,7 +327,13 @@ def _as_random_state(state):
     return (version, tuple(internal), gauss)
 
 
-def _train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch, use_amp, options) -> dict:
+def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch, use_amp, options,
+                forward=None) -> dict:
+    """One epoch of training; returns the epoch's mean loss terms, train accuracy and lr.
+
+    ``forward``: what computes ``(logits, losses)`` from ``(x, y)`` — the DDP wrapper under
+    torchrun, else the distiller's own ``forward_train``.
+    """
     distiller.train()
     loader.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
@@ -317,7 +345,7 @@ def _train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits, losses = distiller.train_step(x, y, step=step)
+            logits, losses = distiller.train_step(x, y, step=step, forward=forward)
         optimizer.step()
         scheduler.step()
         # Accumulate on the device: no host sync per step beyond the finite check.
@@ -328,11 +356,16 @@ def _train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch
         seen += y.numel()
     if seen == 0:
         raise KDLibError("the training loader yielded no batches")
+    # One sync per epoch: sum the loss totals, hits and sample counts of every rank.
+    names = list(sums)
+    totals = torch.stack([sums[k] for k in names] + [correct.float(), torch.tensor(float(seen), device=correct.device)])
+    totals = distributed.sum_across_ranks(totals).tolist()
+    seen_all = totals[-1]
     return {
         "epoch": epoch + 1,
         "lr": lr,
-        "losses": {k: (v / seen).item() for k, v in sums.items()},
-        "train_acc": 100.0 * correct.item() / seen,
+        "losses": {k: v / seen_all for k, v in zip(names, totals[:-2], strict=True)},
+        "train_acc": 100.0 * totals[-2] / seen_all,
     }
 
 

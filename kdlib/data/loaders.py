@@ -24,7 +24,7 @@ from torch import Tensor
 from kdlib import KDLibError
 from kdlib.config import DataConfig
 from kdlib.data import cifar, shapes
-from kdlib.data.seeds import generator_for
+from kdlib.data.seeds import derive_seed, generator_for
 
 # ``shapes`` colours are uniform in the RGB cube, so the channels share statistics
 # (measured on 20,480 training images: mean 0.500–0.503, std 0.268–0.269).
@@ -46,6 +46,7 @@ class TensorBatches:
     ):
         self.images, self.labels, self.batch_size = images, labels, int(batch_size)
         self.train, self.seed, self.epoch = train, int(seed), 0
+        self.rank, self.world_size = 0, 1
         device = images.device
         std_t = torch.tensor(std, device=device)
         self._scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
@@ -53,6 +54,14 @@ class TensorBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Yield only this rank's rows of every global batch (torchrun).
+
+        The global batches are those of a single process, so N ranks together see exactly what one
+        process sees: the role of DistributedSampler, for data already in memory.
+        """
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -75,6 +84,8 @@ class TensorBatches:
         order, offsets, flips = order.to(device), offsets.to(device), flips.to(device)
         for lo in range(0, n, self.batch_size):
             idx = order[lo:lo + self.batch_size]
+            if self.world_size > 1:
+                idx = idx[self.rank::self.world_size]
             x = augment_batch(self.images[idx], offsets[idx], flips[idx])
             yield self._normalise(x), self.labels[idx]
 
@@ -108,6 +119,11 @@ class LoaderBatches:
     def __init__(self, dataset, batch_size: int, device, *, train: bool, seed: int = 0, num_workers: int = 0):
         self.dataset, self.batch_size, self.device = dataset, int(batch_size), torch.device(device)
         self.train, self.seed, self.epoch, self.num_workers = train, int(seed), 0, int(num_workers)
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read this rank's part of every epoch through a DistributedSampler (torchrun)."""
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -118,8 +134,16 @@ class LoaderBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.dataset.epoch = self.epoch
+        sampler = None
+        if self.world_size > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=self.train,
+                seed=derive_seed("kdlib.loader", self.seed),
+            )
+            sampler.set_epoch(self.epoch)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.train, drop_last=False,
+            self.dataset, batch_size=max(1, self.batch_size // self.world_size),
+            shuffle=self.train and sampler is None, sampler=sampler, drop_last=False,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=generator_for("kdlib.loader", self.seed, self.epoch),
         )

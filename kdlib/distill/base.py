@@ -67,9 +67,15 @@ class Distiller(nn.Module):
             self.teacher.eval()  # BN statistics and dropout of the teacher never change
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: the student's logits."""
-        return self.student(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """Inference (``y`` None): the student's logits. Training: ``forward_train(x, y)``.
+
+        The training form exists so that DistributedDataParallel, which must see the forward that
+        produces the loss, can wrap the whole distiller.
+        """
+        if y is None:
+            return self.student(x)
+        return self.forward_train(x, y)
 
     # --- what the optimiser and the checkpoints see -------------------------------------------
     def learnable_parameters(self) -> list[nn.Parameter]:
@@ -96,12 +102,13 @@ class Distiller(nn.Module):
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 0, forward=None):
         """Forward, check every term is finite, backward. The engine steps the optimiser.
 
+        ``forward(x, y)`` defaults to :meth:`forward_train` (the engine passes a DDP wrapper).
         Returns the logits and the detached loss terms.
         """
-        logits, losses = self.forward_train(x, y)
+        logits, losses = (forward or self.forward_train)(x, y)
         check_finite(losses, step)
         sum(losses.values()).backward()
         return logits.detach(), {k: v.detach() for k, v in losses.items()}

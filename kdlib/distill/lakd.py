@@ -251,10 +251,10 @@ class LAKD(Distiller):
             losses.update(terms)
         return logits, self._ordered(losses)
 
-    def train_step(self, x, y, step: int = 0):
+    def train_step(self, x, y, step: int = 0, forward=None):
         """Memory-saving mode: backward module by module; otherwise the base class's single backward."""
         if not self.memory_saving:
-            return super().train_step(x, y, step)
+            return super().train_step(x, y, step, forward=forward)
         t_feats = self.teacher_features(x)
         losses, h = {}, x
         for k in range(self.num_modules):
