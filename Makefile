@@ -4,9 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kdlib-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-CHROMIUM_FLAGS_NOTE := see tests/browser_check.py
 
-.PHONY: book test install lint unit nbval html browser execute clean
+.PHONY: book test install nbval html browser execute clean
 
 ## install: create .venv and install kdlib with the pinned versions (skipped when nothing changed)
 install: $(STAMP)
@@ -39,9 +38,14 @@ browser: install
 
 ## book: execute every notebook with the book profile (cached runs are reused), then build the HTML
 book: install
-	KDLIB_PROFILE=book $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3 $(NOTEBOOKS)
+	$(MAKE) --no-print-directory execute NB="$(NOTEBOOKS)"
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is in $(CURDIR)/_build/html/index.html"
+
+## execute: run notebooks in place with the book profile, e.g. make execute NB=notebooks/10_sakd.ipynb
+NB ?= $(NOTEBOOKS)
+execute: install
+	KDLIB_PROFILE=book $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3 $(NB)
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache

@@ -70,9 +70,11 @@ BOUND_FRACTION = 0.85  # engine / bound images/s at the large batch, at least ("
 ATTENTION_OVER_KD = 1.5  # attention method step time / KD step time, at most
 
 FULL = {"pair": ("resnet32x4", "resnet8x4"), "batch_sizes": (64, 512), "samples": 50_000, "warmup": 20,
-        "timed_samples": 25_600, "distill_steps": 50, "workers": 8, "profile_steps": 10}
+        "timed_samples": 25_600, "distill_steps": 50, "workers": 8, "threads": None,
+        "profile_steps": 10}
+# One thread in quick mode: on a shared 2-core machine two contending threads were 20x slower than one.
 QUICK = {"pair": ("resnet20", "resnet8"), "batch_sizes": (16, 32), "samples": 512, "warmup": 1,
-         "timed_samples": 96, "distill_steps": 2, "workers": 0, "profile_steps": 2}
+         "timed_samples": 48, "distill_steps": 2, "workers": 0, "threads": 1, "profile_steps": 2}
 MIN_TIMED_STEPS = 3
 
 
@@ -90,6 +92,7 @@ class Settings:
     timed_samples: int  # per loop and batch size: steps = max(3, ceil(timed_samples / batch))
     distill_steps: int  # timed steps per distiller and batch size
     workers: int  # DataLoader processes of the reference loop
+    threads: int | None  # torch CPU threads; None leaves torch's default
     methods: tuple[str, ...]
     profile_steps: int
     seed: int = 0
@@ -107,13 +110,13 @@ def random_cifar(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.numpy(), labels.numpy()
 
 
-def on_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def on_device(images: np.ndarray, labels: np.ndarray, device: torch.device):
     """The engine's form of the same data: uint8 N×3×32×32 and long labels, resident on ``device``."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return x.to(device), torch.from_numpy(labels).long().to(device)
 
 
-def train_batches(images: torch.Tensor, labels: torch.Tensor, count: int, batch: int, seed: int) -> TensorBatches:
+def train_batches(images: torch.Tensor, labels: torch.Tensor, count: int, batch: int, seed: int):
     """``TensorBatches`` over exactly ``count`` samples (the data repeated when ``count`` exceeds it)."""
     idx = torch.arange(count, device=images.device) % len(labels)
     return TensorBatches(images[idx], labels[idx], batch, CIFAR100_MEAN, CIFAR100_STD, train=True, seed=seed)
@@ -184,7 +187,7 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[torch
 
 
 def endless(loader):
-    """Batches across epochs; each epoch starts a new DataLoader iterator (and its workers), as training does."""
+    """Batches across epochs; each epoch starts a new DataLoader iterator (and workers), as training does."""
     while True:
         yield from loader
 
@@ -197,7 +200,7 @@ def time_reference(settings: Settings, data: tuple[np.ndarray, np.ndarray], batc
                                 weight_decay=OPTIM.weight_decay)
     loader = torch.utils.data.DataLoader(ArrayDataset(*data, reference_transform()), batch_size=batch,
                                          shuffle=True, num_workers=settings.workers)
-    meters = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0}
+    meters = {"loss": 0.0, "top1": 0.0, "top5": 0.0}
 
     def step(x, y):
         x, y = x.float().to(device), y.to(device)
@@ -207,7 +210,7 @@ def time_reference(settings: Settings, data: tuple[np.ndarray, np.ndarray], batc
         loss = reference_kd_loss(logits, t_logits, y)
         top1, top5 = topk_correct(logits, y)
         meters["loss"] += loss.item() * y.numel()  # the per-step host sync every such loop has
-        meters["top1"], meters["top5"], meters["n"] = meters["top1"] + top1, meters["top5"] + top5, meters["n"] + 1
+        meters["top1"], meters["top5"] = meters["top1"] + top1, meters["top5"] + top5  # tensors: no sync
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -265,7 +268,7 @@ def time_engine(settings: Settings, method: str, data: tuple[torch.Tensor, torch
 
 
 def profile_engine(settings: Settings, data, batch: int, device: torch.device) -> str:
-    """torch.profiler's top-15 operators (by self device time on CUDA, self CPU time otherwise) of KD steps."""
+    """torch.profiler's top-15 operators of KD engine steps (by self device time on CUDA, else self CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     use_amp, options = device.type == "cuda", engine_options(device)
@@ -325,10 +328,12 @@ def compute_ratios(measurements: dict) -> dict:
         "engine_over_reference": {b: eng[b]["images_per_s"] / ref[b]["images_per_s"] for b in eng},
         "engine_over_bound": {b: eng[b]["images_per_s"] / bound[b]["images_per_s"] for b in eng},
         "step_time_over_kd": {
-            b: {m: row["step_s"] / rows["kd"]["step_s"] for m, row in rows.items()} for b, rows in dist.items()
+            b: {m: row["step_s"] / rows["kd"]["step_s"] for m, row in rows.items()}
+            for b, rows in dist.items()
         },
         "peak_memory_over_kd": {
-            b: {m: _ratio(row["peak_memory"]["bytes"], rows["kd"]["peak_memory"]["bytes"]) for m, row in rows.items()}
+            b: {m: _ratio(row["peak_memory"]["bytes"], rows["kd"]["peak_memory"]["bytes"])
+                for m, row in rows.items()}
             for b, rows in dist.items()
         },
     }
@@ -338,17 +343,18 @@ def _target(name: str, statement: str, batch: int, stated_for: int | None, value
             at_least: bool, **extra) -> dict:
     met = None if value is None else (value >= threshold if at_least else value <= threshold)
     return {"name": name, "statement": statement, "batch_size": batch, "issue_batch_size": stated_for,
-            "value": value, "threshold": threshold, "comparison": ">=" if at_least else "<=", "met": met, **extra}
+            "value": value, "threshold": threshold, "comparison": ">=" if at_least else "<=", "met": met,
+            **extra}
 
 
 def verdicts(ratios: dict, batch_sizes) -> list[dict]:
     """The issue's targets with their values; the 64-targets go to the smallest batch, 512 to the largest."""
     small, large = str(min(batch_sizes)), str(max(batch_sizes))
     targets = [
-        _target("engine_vs_reference_small", f"engine >= {REFERENCE_SMALL:g}x reference images/s", int(small), 64,
-                ratios["engine_over_reference"][small], REFERENCE_SMALL, True),
-        _target("engine_vs_reference_large", f"engine >= {REFERENCE_LARGE:g}x reference images/s", int(large), 512,
-                ratios["engine_over_reference"][large], REFERENCE_LARGE, True),
+        _target("engine_vs_reference_small", f"engine >= {REFERENCE_SMALL:g}x reference images/s",
+                int(small), 64, ratios["engine_over_reference"][small], REFERENCE_SMALL, True),
+        _target("engine_vs_reference_large", f"engine >= {REFERENCE_LARGE:g}x reference images/s",
+                int(large), 512, ratios["engine_over_reference"][large], REFERENCE_LARGE, True),
         _target("engine_vs_bound_large", "engine within 15 % of the model-only bound", int(large), 512,
                 ratios["engine_over_bound"][large], BOUND_FRACTION, True),
     ]
@@ -379,8 +385,8 @@ def measure(settings: Settings, profile: bool = False) -> dict:
         m["distillers"][b] = {}
         for method in settings.methods:
             print(f"batch {batch}: distiller {method}", flush=True)
-            m["distillers"][b][method] = time_engine(settings, method, resident, batch, settings.distill_steps,
-                                                     device, memory=True)
+            m["distillers"][b][method] = time_engine(
+                settings, method, resident, batch, settings.distill_steps, device, memory=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if profile:
@@ -408,15 +414,15 @@ def loop_settings(settings: Settings, device: torch.device) -> dict:
     engine_precision = "bf16-autocast" if cuda else "fp32"
     return {
         "reference": {"precision": "fp32", "channels_last": False, "cudnn_benchmark": cuda,
-                      "data": f"DataLoader(shuffle, num_workers={settings.workers}, pin_memory=False) over PIL + "
-                              "torchvision transforms", "per_step_sync": "loss.item()"},
+                      "data": f"DataLoader(shuffle, num_workers={settings.workers}, pin_memory=False) over "
+                              "PIL + torchvision transforms", "per_step_sync": "loss.item()"},
         "engine": {"precision": engine_precision, "channels_last": True,
                    "cudnn_benchmark": torch.backends.cudnn.benchmark,
                    "data": "TensorBatches on the device (crop + flip as one gather)",
                    "per_step_sync": "finite-loss check"},
         "bound": {"precision": engine_precision, "channels_last": True,
-                  "cudnn_benchmark": torch.backends.cudnn.benchmark, "data": "one batch resident on the device",
-                  "per_step_sync": "none"},
+                  "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                  "data": "one batch resident on the device", "per_step_sync": "none"},
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "torch_threads": torch.get_num_threads(),
         "timed_steps": {str(b): settings.timed_steps(b) for b in settings.batch_sizes},
@@ -473,19 +479,21 @@ def report(record: dict) -> str:
     lines = [f"device: {record['device']}", "", "batch  reference img/s  engine img/s  bound img/s  "
              "engine/reference  engine/bound"]
     for b in m["engine"]:
-        lines.append(f"{b:>5}  {m['reference'][b]['images_per_s']:15,.0f}  {m['engine'][b]['images_per_s']:12,.0f}  "
-                     f"{m['bound'][b]['images_per_s']:11,.0f}  {r['engine_over_reference'][b]:16.2f}  "
-                     f"{r['engine_over_bound'][b]:12.2f}")
+        lines.append(f"{b:>5}  {m['reference'][b]['images_per_s']:15,.0f}  "
+                     f"{m['engine'][b]['images_per_s']:12,.0f}  {m['bound'][b]['images_per_s']:11,.0f}  "
+                     f"{r['engine_over_reference'][b]:16.2f}  {r['engine_over_bound'][b]:12.2f}")
     lines += ["", "step time / KD (peak memory / KD) per batch size"]
     for b, rel in r["step_time_over_kd"].items():
         mem = r["peak_memory_over_kd"][b]
-        cells = [f"{k} {v:.2f} ({mem[k]:.2f})" if mem[k] is not None else f"{k} {v:.2f}" for k, v in rel.items()]
+        cells = [f"{k} {v:.2f} ({mem[k]:.2f})" if mem[k] is not None else f"{k} {v:.2f}"
+                 for k, v in rel.items()]
         lines.append(f"  batch {b}: " + ", ".join(cells))
     lines += ["", "targets:"]
     for t in record["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        stated = f", stated for batch {t['issue_batch_size']}" if t["issue_batch_size"] not in (None, t["batch_size"]) \
-            else ""
+        stated = ""
+        if t["issue_batch_size"] not in (None, t["batch_size"]):
+            stated = f", stated for batch {t['issue_batch_size']}"
         worst = f" (worst: {t['worst_method']})" if "worst_method" in t else ""
         lines.append(f"  [{verdict}] {t['statement']} at batch {t['batch_size']}{stated}: "
                      f"{t['value']:.2f} {t['comparison']} {t['threshold']:g}{worst}")
@@ -506,7 +514,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timed-samples", type=int, help="samples timed per loop and batch size (default 25,600)")
     p.add_argument("--distill-steps", type=int, help="timed steps per distiller (default 50; quick 2)")
     p.add_argument("--workers", type=int, help="reference DataLoader workers (default 8; quick 0)")
-    p.add_argument("--profile", action="store_true", help="add torch.profiler's top-15 ops of the engine step")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; quick: 1)")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler's top-15 ops per engine step")
     p.add_argument("--out", help="JSON record (default results/speed_<device>.json; quick: the temp folder)")
     p.add_argument("--figure", help="PNG (default book/_static/speed_<device>.png; quick: the temp folder)")
     return p.parse_args(argv)
@@ -539,12 +548,15 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         batch_sizes=tuple(dict.fromkeys(args.batch_sizes or d["batch_sizes"])),
         samples=_pick(args.samples, d["samples"]), warmup=_pick(args.warmup, d["warmup"]),
         timed_samples=_pick(args.timed_samples, d["timed_samples"]),
-        distill_steps=_pick(args.distill_steps, d["distill_steps"]), workers=_pick(args.workers, d["workers"]),
+        distill_steps=_pick(args.distill_steps, d["distill_steps"]),
+        workers=_pick(args.workers, d["workers"]), threads=_pick(args.threads, d["threads"]),
         methods=tuple(dict.fromkeys(methods)), profile_steps=d["profile_steps"],
     )
-    for name, value, low in (("batch size", min(settings.batch_sizes), 1), ("--samples", settings.samples, 1),
-                             ("--warmup", settings.warmup, 0), ("--timed-samples", settings.timed_samples, 1),
-                             ("--distill-steps", settings.distill_steps, 1), ("--workers", settings.workers, 0)):
+    checks = (("batch size", min(settings.batch_sizes), 1), ("--samples", settings.samples, 1),
+              ("--warmup", settings.warmup, 0), ("--timed-samples", settings.timed_samples, 1),
+              ("--distill-steps", settings.distill_steps, 1), ("--workers", settings.workers, 0),
+              ("--threads", settings.threads or 1, 1))
+    for name, value, low in checks:
         if value < low:
             raise KDLibError(f"{name} must be >= {low}, got {value}")
     return settings
@@ -555,7 +567,7 @@ def _pick(value, default):
 
 
 def output_paths(args: argparse.Namespace, settings: Settings) -> tuple[Path, Path]:
-    """(record, figure). Quick runs default to the temp folder: they must never land in results/ or the book."""
+    """(record, figure). Quick runs default to the temp folder: never into results/ or the book."""
     kind = device_kind(torch.device(settings.device))
     if settings.quick:
         tmp = Path(tempfile.gettempdir())
@@ -569,6 +581,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     settings = resolve_settings(args)
     out, figure = output_paths(args, settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     record = measure(settings, profile=args.profile)
     write_json_atomic(out, record)
     plot(record, figure)

@@ -17,6 +17,7 @@ the functions that need them: ``import pytorch_grad_cam`` alone takes 5–10 s.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -442,9 +443,9 @@ def where_models_look(
 
     batches = _batches(loader, masks, max_images)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain: tqdm.auto warns in notebooks without ipywidgets
 
-        batches = tqdm(batches, desc="where models look", unit="batch")
+        batches = tqdm(batches, desc="where models look", unit="batch", file=sys.stdout)
     for x, y, m in batches:
         has_masks = m is not None if has_masks is None else has_masks
         if has_masks != (m is not None):

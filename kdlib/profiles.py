@@ -76,15 +76,15 @@ PROFILE_TABLE: dict[str, Profile] = {
         student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=1),
         seeds=(0,),
     ),
-    # 4,000 images × 20 epochs (80k samples per student run) and a resnet14 teacher: the budget of
+    # 4,000 images × 15 epochs (60k samples per student run) and a resnet14 teacher: the budget of
     # `make book` (about 45 runs in 90 minutes on 2 cores) set the size; calibration_book.json has the figures.
     "book": Profile(
         name="book",
         data=DataConfig(name="shapes", batch_size=128, train_size=4000, test_size=2000),
         teacher="resnet14",
         student="resnet8",
-        teacher_optim=dataclasses.replace(_BOOK_STUDENT, epochs=40),
-        student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=20),
+        teacher_optim=dataclasses.replace(_BOOK_STUDENT, epochs=30),
+        student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=15),
         seeds=(0, 1, 2),
     ),
     "paper": Profile(

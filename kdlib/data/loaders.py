@@ -165,6 +165,24 @@ class DataBundle:
     train_set: torch.utils.data.Dataset
     test_set: torch.utils.data.Dataset
 
+    def eval_set(self, max_images: int | None = None) -> torch.utils.data.TensorDataset:
+        """The test split as normalised model inputs: ``(x, y, mask)`` triples (shapes) or ``(x, y)`` (CIFAR).
+
+        What :func:`kdlib.explain.where_models_look` and the figures need: the images exactly as the
+        test loader feeds them to the models (``test_set[i]`` is an RGB image in [0, 1], not a model input).
+        """
+        xs, ys = [], []
+        for x, y in self.test:
+            xs.append(x.cpu())
+            ys.append(y.cpu())
+            if max_images is not None and sum(len(b) for b in ys) >= max_images:
+                break
+        x, y = torch.cat(xs)[:max_images], torch.cat(ys)[:max_images]
+        masks = getattr(self.test_set, "masks", None)
+        if masks is None:
+            return torch.utils.data.TensorDataset(x, y)
+        return torch.utils.data.TensorDataset(x, y, masks[: len(y)].cpu())
+
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the normalisation: RGB in [0, 1] (for figures), for a C×H×W image or a batch."""
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
