@@ -247,6 +247,7 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         start_epoch, history, elapsed = ckpt["epoch"], ckpt["history"], ckpt["elapsed_s"]
 
     if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(
         range(start_epoch, cfg.optim.epochs),
