@@ -118,12 +118,23 @@ def fmt_mean_std(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def summarise(records: list[dict], group_by=("method", "student", "teacher")) -> list[dict]:
-    """One row per (method, student, teacher): n seeds, last/best top-1 mean ± std, time, memory."""
+def method_label(cfg: dict) -> str:
+    """``sakd`` for default options, ``sakd (p=0.3, taps='stages')`` otherwise."""
+    options = cfg.get("method_options") or {}
+    if not options:
+        return cfg["method"]
+    return f"{cfg['method']} (" + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per (method with its options, student, teacher): n seeds, last/best top-1, time, memory.
+
+    Runs that differ only in seed are pooled; an ablation (other options) gets its own row.
+    """
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         cfg = r["config"]
-        key = (cfg["method"], cfg["student"], (cfg.get("teacher") or {}).get("student"))
+        key = (method_label(cfg), cfg["student"], (cfg.get("teacher") or {}).get("student"))
         groups.setdefault(key, []).append(r)
     rows = []
     for (method, student, teacher), recs in groups.items():

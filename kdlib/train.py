@@ -308,7 +308,6 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         "top1_best": accs[best],
         "best_epoch": best + 1,
         "wall_time_s": elapsed,
-        "peak_memory": _peak_memory(device),
         "world_size": world_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -317,6 +316,8 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
     if main_process:
         student_state = {k: v.contiguous() for k, v in distiller.student.state_dict().items()}
         save_atomic(student_state, folder / WEIGHTS)
+        # After the weights are saved: on a CPU the measurement runs extra training steps.
+        record["peak_memory"] = _peak_memory(device, distiller, bundle.train)
         write_json_atomic(folder / RECORD, record)
     distributed.barrier()  # the other ranks may go on to load what rank 0 just wrote
     return record
@@ -370,13 +371,18 @@ def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch,
     }
 
 
-def _peak_memory(device: torch.device) -> dict:
+def _peak_memory(device: torch.device, distiller, loader) -> dict:
+    """Peak training memory: CUDA's allocator peak over the run; on a CPU, one measured step.
+
+    On a CPU there is no allocator peak to read (process RSS only grows, across runs too), so one
+    training step on the first batch is measured with the torch profiler's memory accounting
+    (kdlib.memory). It runs on the trained distiller after its weights are saved.
+    """
     if device.type == "cuda":
         return {"bytes": int(torch.cuda.max_memory_allocated(device)), "method": "torch.cuda.max_memory_allocated"}
-    try:
-        import resource
+    from kdlib.memory import train_step_peak_memory
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"bytes": int(rss), "method": "process max RSS (ru_maxrss), includes the interpreter and data"}
-    except (ImportError, OSError):
-        return {"bytes": None, "method": "unavailable"}
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    result = train_step_peak_memory(distiller, x, y)
+    return {"bytes": int(result["bytes"]), "method": f"one training step, batch {len(y)}: {result['method']}"}
