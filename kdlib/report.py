@@ -44,6 +44,32 @@ def model_of(record: dict):
     return load_model(RunConfig.from_dict(record["config"]))
 
 
+def distiller_of(record: dict):
+    """The trained distiller of a record, extras included (attention modules, adapters, weighting state).
+
+    Student and extras come from the run's last checkpoint in the cache, the teacher from its own run.
+    """
+    from kdlib.config import RunConfig
+    from kdlib.distill import create_distiller
+    from kdlib.results import run_dir
+    from kdlib.train import CHECKPOINT, load_checkpoint
+
+    cfg = RunConfig.from_dict(record["config"])
+    student = create_model_for(cfg)
+    teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
+    distiller = create_distiller(cfg.method, student, teacher, **dict(cfg.method_options))
+    ckpt = load_checkpoint(run_dir(cfg) / CHECKPOINT, record["hash"])
+    distiller.load_trainable_state_dict(ckpt["distiller"])
+    return distiller.eval()
+
+
+def create_model_for(cfg):
+    from kdlib.models import create_model
+    from kdlib.train import num_classes
+
+    return create_model(cfg.student, num_classes=num_classes(cfg))
+
+
 def table(groups: dict[str, list[dict]], highlight: str | None = None) -> str:
     """Markdown table: top-1 last and best (mean ± std over seeds), seeds, s/epoch."""
     rows = []
@@ -74,7 +100,7 @@ def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, y
     for label, recs in groups.items():
         c = curve(recs, key)
         x = np.arange(1, c.shape[1] + 1)
-        ax.plot(x, c.mean(0), label=label)
+        ax.plot(x, c.mean(0), label=label, marker="o" if len(x) == 1 else None)
         if len(recs) > 1:
             ax.fill_between(x, c.min(0), c.max(0), alpha=0.2)
     ax.set_xlabel("epoch")
@@ -90,7 +116,7 @@ def plot_loss_terms(records: list[dict], ax=None, title=None):
         _, ax = plt.subplots(figsize=(6, 3.5))
     for term in records[0]["history"][0]["losses"]:
         c = curve(records, term)
-        ax.plot(np.arange(1, c.shape[1] + 1), c.mean(0), label=term)
+        ax.plot(np.arange(1, c.shape[1] + 1), c.mean(0), label=term, marker="o" if c.shape[1] == 1 else None)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("weighted loss term")
