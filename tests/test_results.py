@@ -38,12 +38,14 @@ def test_mean_std_and_format():
 
 
 def test_summarise_pools_seeds_and_keeps_ablations_apart():
-    recs = [fake_record(seed=0, last=80), fake_record(seed=1, last=82), fake_record(seed=0, last=70, options={"tau": 2.0})]
+    recs = [fake_record(seed=0, last=80), fake_record(seed=1, last=82),
+            fake_record(seed=0, last=70, options={"tau": 2.0})]
     rows = {r["method"]: r for r in summarise(recs)}
     assert set(rows) == {"kd", "kd (tau=2.0)"}
     assert rows["kd"]["seeds"] == 2 and rows["kd"]["top1_last"][0] == pytest.approx(81.0)
     assert rows["kd (tau=2.0)"]["seeds"] == 1
-    assert method_label({"method": "sakd", "method_options": {"p": 0.3, "taps": "stages"}}) == "sakd (p=0.3, taps='stages')"
+    label = method_label({"method": "sakd", "method_options": {"p": 0.3, "taps": "stages"}})
+    assert label == "sakd (p=0.3, taps='stages')"
 
 
 def test_markdown_table_and_report_table():
