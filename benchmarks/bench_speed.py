@@ -240,7 +240,7 @@ def build_engine(settings: Settings, method: str, device: torch.device, steps_pe
     teacher, student = fresh_pair(settings)
     distiller = create_distiller(method, student, teacher.to(device)).to(device)
     distiller = distiller.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(distiller, distiller.learnable_parameters(), OPTIM)
+    optimizer = make_optimizer(distiller.learnable_parameters(), OPTIM)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(OPTIM, s, steps_per_epoch))
     return distiller, optimizer, scheduler
 
@@ -292,7 +292,7 @@ def time_bound(settings: Settings, data, batch: int, device: torch.device) -> di
     teacher, student = fresh_pair(settings)
     teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     student = student.to(device, memory_format=torch.channels_last).train()
-    optimizer = make_optimizer(student, list(student.parameters()), OPTIM)
+    optimizer = make_optimizer(list(student.parameters()), OPTIM)
     x, y = next(iter(train_batches(*data, batch, batch, settings.seed)))
     x = x.contiguous(memory_format=torch.channels_last)
 

@@ -51,23 +51,17 @@ def distiller_of(record: dict):
     """
     from kdlib.config import RunConfig
     from kdlib.distill import create_distiller
+    from kdlib.models import create_model
     from kdlib.results import run_dir
-    from kdlib.train import CHECKPOINT, load_checkpoint
+    from kdlib.train import CHECKPOINT, load_checkpoint, num_classes
 
     cfg = RunConfig.from_dict(record["config"])
-    student = create_model_for(cfg)
+    student = create_model(cfg.student, num_classes=num_classes(cfg))
     teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
     distiller = create_distiller(cfg.method, student, teacher, **dict(cfg.method_options))
     ckpt = load_checkpoint(run_dir(cfg) / CHECKPOINT, record["hash"])
     distiller.load_trainable_state_dict(ckpt["distiller"])
     return distiller.eval()
-
-
-def create_model_for(cfg):
-    from kdlib.models import create_model
-    from kdlib.train import num_classes
-
-    return create_model(cfg.student, num_classes=num_classes(cfg))
 
 
 def table(groups: dict[str, list[dict]], highlight: str | None = None) -> str:

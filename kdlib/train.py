@@ -72,7 +72,7 @@ def seed_everything(seed: int) -> None:
 
 
 # --- optimisation ---------------------------------------------------------------------------
-def make_optimizer(params_module: nn.Module, params: list[nn.Parameter], cfg: OptimConfig):
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
     """SGD; with ``no_decay_bn_bias`` the 1-D parameters (BN, biases) get no weight decay."""
     if cfg.no_decay_bn_bias:
         decay = [p for p in params if p.ndim > 1]
@@ -226,7 +226,7 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         forward = torch.nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
     use_amp = (device.type == "cuda") if options.amp is None else (options.amp and device.type == "cuda")
     params = distiller.learnable_parameters()
-    optimizer = make_optimizer(distiller, params, cfg.optim)
+    optimizer = make_optimizer(params, cfg.optim)
     steps_per_epoch = len(bundle.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.optim, s, steps_per_epoch)
