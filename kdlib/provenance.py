@@ -22,4 +22,5 @@ def provenance(profile: str, records: list[dict] | None = None) -> None:
     """Print the provenance line and the run records a notebook used."""
     print(provenance_line(profile))
     for r in records or []:
-        print(f"  run {r['name']}: top-1 last {r['top1_last']:.2f} %, {r['device']}, {r['created']}")
+        result = f"top-1 last {r['top1_last']:.2f} %" if r["top1_last"] is not None else r.get("status", "?")
+        print(f"  run {r['name']}: {result}, {r['device']}, {r['created']}")

@@ -10,19 +10,29 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from kdlib.distill.base import NonFiniteLossError
 from kdlib.profiles import get_profile
-from kdlib.results import REPO_RESULTS, export_record, fmt_mean_std, markdown_table
+from kdlib.results import REPO_RESULTS, export_record, is_complete, markdown_table, outcome
 from kdlib.train import EngineOptions, load_model, run
 
 
 def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, progress=True,
-         **options) -> list[dict]:
-    """One record per seed (cached runs are reused); book-profile records go to results/book/."""
+         allow_diverged=False, **options) -> list[dict]:
+    """One record per seed (cached runs are reused); book-profile records go to results/book/.
+
+    A run stopped by a NaN/inf loss raises :class:`NonFiniteLossError`; with ``allow_diverged`` its
+    ``diverged`` record is returned instead (``top1_last`` is None, ``error`` says what happened).
+    """
     prof = get_profile(profile)
     out = []
     for seed in prof.seeds if seeds is None else seeds:
         cfg = prof.config(method, student=student, teacher=teacher, seed=seed, **options)
-        rec = run(cfg, options=EngineOptions(progress=progress))
+        try:
+            rec = run(cfg, options=EngineOptions(progress=progress))
+        except NonFiniteLossError as e:
+            if not (allow_diverged and e.record is not None):
+                raise
+            rec = e.record
         if prof.name == "book":
             export_record(rec, REPO_RESULTS / "book")
         out.append(rec)
@@ -69,12 +79,14 @@ def table(groups: dict[str, list[dict]], highlight: str | None = None) -> str:
     rows = []
     for label, recs in groups.items():
         name = f"**{label}**" if label == highlight else label
+        done = [r for r in recs if is_complete(r)]
+        timed = [r["wall_time_s"] / len(r["history"]) for r in recs if r["history"]]
         rows.append({
             "run": name,
             "seeds": len(recs),
-            "last": fmt_mean_std([r["top1_last"] for r in recs]),
-            "best": fmt_mean_std([r["top1_best"] for r in recs]),
-            "time": float(np.mean([r["wall_time_s"] / len(r["history"]) for r in recs])),
+            "last": outcome([r["top1_last"] for r in done], recs),
+            "best": outcome([r["top1_best"] for r in done], recs),
+            "time": float(np.mean(timed)) if timed else float("nan"),
         })
     return markdown_table(rows, [("run", "run"), ("seeds", "seeds"), ("last", "top-1 last epoch (%)"),
                                  ("best", "top-1 best epoch (%)"), ("time", "s / epoch")])

@@ -81,14 +81,31 @@ def load_record(path: Path) -> dict:
         raise KDLibError(f"cannot read run record {path}: {e}") from None
 
 
-def find_record(cfg: RunConfig, root: Path | None = None) -> dict | None:
-    """The complete record of this exact config in the cache, or None."""
+def find_record(cfg: RunConfig, root: Path | None = None, status: str = "complete") -> dict | None:
+    """The record of this exact config in the cache with the given status, or None.
+
+    ``status`` is ``complete`` (a finished run) or ``diverged`` (a run stopped by a NaN/inf loss).
+    """
     path = run_dir(cfg, root) / "record.json"
     if path.exists():
         rec = load_record(path)
-        if rec.get("status") == "complete" and rec.get("hash") == config_hash(cfg):
+        if rec.get("status") == status and rec.get("hash") == config_hash(cfg):
             return rec
     return None
+
+
+def is_complete(record: dict) -> bool:
+    return record.get("status", "complete") == "complete"
+
+
+def outcome(values: list[float], records: list[dict]) -> str:
+    """``mean ± std`` of the complete runs, with the diverged ones counted beside it."""
+    diverged = sum(not is_complete(r) for r in records)
+    if diverged == len(records):
+        epochs = sorted({r.get("diverged_epoch") for r in records})
+        return "diverged (epoch " + ", ".join(str(e) for e in epochs) + ")"
+    text = fmt_mean_std(values)
+    return f"{text} ({diverged} diverged)" if diverged else text
 
 
 def export_record(record: dict, folder: Path) -> Path:
@@ -138,10 +155,11 @@ def summarise(records: list[dict]) -> list[dict]:
         groups.setdefault(key, []).append(r)
     rows = []
     for (method, student, teacher), recs in groups.items():
-        last = [r["top1_last"] for r in recs]
-        best = [r["top1_best"] for r in recs]
-        epoch_time = [r["wall_time_s"] / max(1, len(r["history"])) for r in recs]
-        mem = [r["peak_memory"]["bytes"] for r in recs if r.get("peak_memory", {}).get("bytes")]
+        done = [r for r in recs if is_complete(r)]  # diverged runs have no accuracy, only their error
+        last = [r["top1_last"] for r in done]
+        best = [r["top1_best"] for r in done]
+        epoch_time = [r["wall_time_s"] / max(1, len(r["history"])) for r in recs if r["history"]]
+        mem = [r["peak_memory"]["bytes"] for r in done if (r.get("peak_memory") or {}).get("bytes")]
         rows.append(
             {
                 "method": method,
@@ -150,9 +168,9 @@ def summarise(records: list[dict]) -> list[dict]:
                 "seeds": len(recs),
                 "top1_last": mean_std(last),
                 "top1_best": mean_std(best),
-                "top1_last_str": fmt_mean_std(last),
-                "top1_best_str": fmt_mean_std(best),
-                "epoch_time_s": statistics.fmean(epoch_time),
+                "top1_last_str": outcome(last, recs),
+                "top1_best_str": outcome(best, recs),
+                "epoch_time_s": statistics.fmean(epoch_time) if epoch_time else math.nan,
                 "peak_mem_mb": (statistics.fmean(mem) / 2**20) if mem else math.nan,
                 "records": [r["name"] for r in recs],
             }

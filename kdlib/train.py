@@ -29,6 +29,7 @@ from kdlib import KDLibError, distributed
 from kdlib.config import OptimConfig, RunConfig
 from kdlib.data import get_loaders
 from kdlib.distill import create_distiller
+from kdlib.distill.base import NonFiniteLossError
 from kdlib.models import create_model
 from kdlib.results import (
     config_hash,
@@ -164,6 +165,13 @@ def run(cfg: RunConfig, *, options: EngineOptions | None = None, root: Path | No
     record = find_record(cfg, root)
     if record is not None:
         return record
+    diverged = find_record(cfg, root, status="diverged")
+    if diverged is not None:  # deterministic: training it again would diverge again
+        raise NonFiniteLossError(
+            f"run {diverged['name']} diverged before: {diverged['error']} (record in {run_dir(cfg, root)}; "
+            "delete that folder to train it again)",
+            record=diverged,
+        )
     validate(cfg)  # fail in a second, not after the teacher has trained
     teacher = None
     if cfg.teacher is not None:
@@ -262,10 +270,14 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
     )
     for epoch in bar:
         t0 = time.perf_counter()
-        row = train_epoch(distiller, bundle.train, optimizer, scheduler, epoch, steps_per_epoch, use_amp, options,
-                          forward=forward)
-        distributed.sync_buffers(distiller)  # every rank ends the epoch with rank 0's BN statistics
-        distiller.on_epoch_end(epoch, row["losses"])
+        try:
+            row = train_epoch(distiller, bundle.train, optimizer, scheduler, epoch, steps_per_epoch, use_amp,
+                              options, forward=forward)
+            distributed.sync_buffers(distiller)  # every rank ends the epoch with rank 0's BN statistics
+            distiller.on_epoch_end(epoch, row["losses"])
+        except NonFiniteLossError as e:
+            bar.close()
+            raise _diverged(cfg, key, folder, epoch, history, elapsed, device, e, main_process) from None
         row["test_acc"] = evaluate(distiller.student, bundle.test, device)
         row["time_s"] = time.perf_counter() - t0
         elapsed += row["time_s"]
@@ -321,6 +333,33 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         write_json_atomic(folder / RECORD, record)
     distributed.barrier()  # the other ranks may go on to load what rank 0 just wrote
     return record
+
+
+def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[dict], elapsed: float,
+              device: torch.device, error: NonFiniteLossError, main_process: bool) -> NonFiniteLossError:
+    """Write the ``diverged`` record (the epochs completed and the error) and return the error to raise.
+
+    The last checkpoint stays: it holds the state at the end of the last finite epoch.
+    """
+    record = {
+        "name": run_name(cfg),
+        "hash": key,
+        "status": "diverged",
+        "error": str(error),
+        "diverged_epoch": epoch + 1,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": versions(),
+        "device": device_description(device),
+        "history": history,
+        "top1_last": None,
+        "top1_best": None,
+        "wall_time_s": elapsed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if main_process:
+        write_json_atomic(folder / RECORD, record)
+    return NonFiniteLossError(f"{error} (epoch {epoch + 1} of run {record['name']})", record=record)
 
 
 def _as_random_state(state):

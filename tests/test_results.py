@@ -55,8 +55,33 @@ def test_markdown_table_and_report_table():
     assert "| **KD** | 2 | 81.00 ± 1.41 | 81.00 ± 0.00 | 2.00 |" in out
 
 
+def test_diverged_runs_are_counted_not_averaged():
+    bad = dict(fake_record(seed=2), status="diverged", top1_last=None, top1_best=None, diverged_epoch=3)
+    rows = {r["method"]: r for r in summarise([fake_record(seed=0, last=80), fake_record(seed=1, last=82), bad])}
+    assert rows["kd"]["seeds"] == 3
+    assert rows["kd"]["top1_last_str"] == "81.00 ± 1.41 (1 diverged)"
+    alone = dict(bad, history=[])  # diverged in its first epoch: no time per epoch either
+    out = table({"iteration": [alone]})
+    assert "| iteration | 1 | diverged (epoch 3) | diverged (epoch 3) | nan |" in out
+
+
 def test_curve_reads_metrics_and_loss_terms():
     recs = [fake_record(seed=0, last=80), fake_record(seed=1, last=82)]
     acc = curve(recs, "test_acc")
     assert acc.shape == (2, 3) and acc[1, -1] == 82
     assert curve(recs, "ce")[0].tolist() == pytest.approx([1.0, 0.5, 1 / 3])
+
+
+def test_report_runs_returns_diverged_records_only_when_asked(monkeypatch):
+    from kdlib import report
+    from kdlib.distill import NonFiniteLossError
+
+    bad = dict(fake_record(seed=0), status="diverged", top1_last=None, top1_best=None, diverged_epoch=2)
+
+    def diverging_run(cfg, options=None):
+        raise NonFiniteLossError("loss term 'feat' is inf at step 9", record=bad)
+
+    monkeypatch.setattr(report, "run", diverging_run)
+    with pytest.raises(NonFiniteLossError, match="'feat' is inf at step 9"):
+        report.runs("smoke", "kd", seeds=[0])
+    assert report.runs("smoke", "kd", seeds=[0], allow_diverged=True) == [bad]

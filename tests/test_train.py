@@ -15,7 +15,7 @@ import torch
 
 from kdlib import KDLibError
 from kdlib.config import DataConfig, OptimConfig, RunConfig
-from kdlib.distill import Distiller, register_distiller
+from kdlib.distill import Distiller, NonFiniteLossError, register_distiller
 from kdlib.results import config_hash, find_record, run_dir
 from kdlib.train import CHECKPOINT, EngineOptions, load_checkpoint, load_model, lr_factor, run
 
@@ -90,8 +90,24 @@ class _NaNAfterTwoSteps(Distiller):
 
 
 def test_nan_loss_stops_the_run_naming_term_and_step(tmp_path):
-    with pytest.raises(KDLibError, match=r"loss term 'aux' is nan at step 2"):
+    with pytest.raises(KDLibError, match=r"loss term 'aux' is nan at step 2 \(epoch 1 of run "):
         run(tiny_cfg("test_nan"), options=QUIET, root=tmp_path)
+
+
+def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch):
+    cfg = tiny_cfg("test_nan")
+    with pytest.raises(NonFiniteLossError) as first:
+        run(cfg, options=QUIET, root=tmp_path)
+    rec = first.value.record
+    assert rec["status"] == "diverged" and rec["diverged_epoch"] == 1 and rec["history"] == []
+    assert "'aux' is nan at step 2" in rec["error"] and rec["top1_last"] is None
+    assert find_record(cfg, tmp_path) is None  # not a complete run ...
+    assert find_record(cfg, tmp_path, status="diverged") == rec  # ... but a stored result
+    # Asking again answers from the record at once, naming the folder to delete for a retry.
+    monkeypatch.setattr("kdlib.train._fit", lambda *a, **k: pytest.fail("trained a diverged run again"))
+    with pytest.raises(NonFiniteLossError, match=r"diverged before: .*delete that folder") as again:
+        run(cfg, options=QUIET, root=tmp_path)
+    assert again.value.record == rec
 
 
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):

@@ -19,7 +19,15 @@ from kdlib.features import FeatureTap
 
 
 class NonFiniteLossError(KDLibError):
-    """A loss term became NaN or infinite; the message names the term and the step."""
+    """A loss term became NaN or infinite; the message names the term and the step.
+
+    When the engine raises it, ``record`` is the run's ``diverged`` record (config, the epochs
+    completed, the error), which the engine also wrote to the cache: a divergence is a result.
+    """
+
+    def __init__(self, message: str, record: dict | None = None):
+        super().__init__(message)
+        self.record = record
 
 
 class IncompatibleModelsError(KDLibError):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kdlib import KDLibError
+from kdlib.distill.base import NonFiniteLossError
 
 WEIGHTINGS = ("adaptive", "iteration", "fixed")
 
@@ -135,7 +136,7 @@ class LossWeighting(nn.Module):
         raw_means = dict(zip(self.names, means[0]))
         bad = [n for n, v in raw_means.items() if not math.isfinite(v)]
         if bad:
-            raise KDLibError(f"mean raw loss of {bad} is not finite in epoch {epoch}")
+            raise NonFiniteLossError(f"mean raw loss of {bad} is not finite in epoch {epoch}")
         self._raw_history.append(raw_means)
         self._weight_history.append(dict(zip(self.names, means[1])))
         self._epochs.append(int(epoch))
