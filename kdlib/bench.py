@@ -9,8 +9,18 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from kdlib import KDLibError
+from kdlib.distill.base import NonFiniteLossError
 from kdlib.profiles import PAPER_PAIRS, get_profile
-from kdlib.results import REPO_RESULTS, SUMMARY_COLUMNS, export_record, load_records, markdown_table, summarise
+from kdlib.results import (
+    REPO_RESULTS,
+    SUMMARY_COLUMNS,
+    config_hash,
+    export_record,
+    load_records,
+    markdown_table,
+    summarise,
+)
 from kdlib.train import EngineOptions, run
 
 BOOK_METHODS = ("vanilla", "kd", "fitnets", "at", "afd", "sakd", "aftkd", "sam_kd", "lakd")
@@ -36,10 +46,10 @@ def write_summary(folder: Path) -> list[dict]:
     with open(folder / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "teacher", "student", "seeds", "top1_last_mean", "top1_last_std",
-                    "top1_best_mean", "top1_best_std", "epoch_time_s", "peak_mem_mb"])
-        for r in rows:
+                    "top1_best_mean", "top1_best_std", "epoch_time_s", "peak_mem_mb", "diverged"])
+        for r in rows:  # means and stds are over the complete runs; "diverged" counts the others
             w.writerow([r["method"], r["teacher"], r["student"], r["seeds"], *r["top1_last"],
-                        *r["top1_best"], f"{r['epoch_time_s']:.3f}", f"{r['peak_mem_mb']:.1f}"])
+                        *r["top1_best"], f"{r['epoch_time_s']:.3f}", f"{r['peak_mem_mb']:.1f}", r["diverged"]])
     return rows
 
 
@@ -47,8 +57,18 @@ def run_grid(profile_name=None, methods=None, seeds=None, out=None, device=None,
     profile = get_profile(profile_name)
     folder = Path(out) if out else REPO_RESULTS / profile.name
     options = EngineOptions(device=device, progress=progress)
+    diverged = []
     for cfg in grid(profile.name, methods, seeds):
-        export_record(run(cfg, options=options), folder)
+        try:
+            record = run(cfg, options=options)
+        except NonFiniteLossError as e:  # a result to keep; the grid goes on and reports it at the end
+            if e.record is None or e.record.get("hash") != config_hash(cfg):
+                raise  # e.g. the teacher diverged: nothing of this run to keep
+            record = e.record
+            diverged.append(f"{record['name']} ({record['error']})")
+        export_record(record, folder)
     rows = write_summary(folder)
     print(markdown_table(rows, SUMMARY_COLUMNS))
+    if diverged:
+        raise KDLibError(f"{len(diverged)} run(s) diverged, summary written with them marked: " + "; ".join(diverged))
     return rows

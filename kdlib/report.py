@@ -10,9 +10,19 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from kdlib import KDLibError
 from kdlib.distill.base import NonFiniteLossError
 from kdlib.profiles import get_profile
-from kdlib.results import REPO_RESULTS, export_record, is_complete, markdown_table, outcome
+from kdlib.results import (
+    REPO_RESULTS,
+    config_hash,
+    export_record,
+    is_complete,
+    load_record,
+    markdown_table,
+    outcome,
+    run_name,
+)
 from kdlib.train import EngineOptions, load_model, run
 
 
@@ -30,12 +40,31 @@ def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, p
         try:
             rec = run(cfg, options=EngineOptions(progress=progress))
         except NonFiniteLossError as e:
-            if not (allow_diverged and e.record is not None):
+            # Only this run's own record: a teacher that diverged is not the student's result.
+            if not (allow_diverged and e.record is not None and e.record.get("hash") == config_hash(cfg)):
                 raise
             rec = e.record
         if prof.name == "book":
             export_record(rec, REPO_RESULTS / "book")
         out.append(rec)
+    return out
+
+
+def stored_runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, **options) -> list[dict]:
+    """The committed records in ``results/<profile>/`` of these runs, without training anything.
+
+    For options a chapter shows from a run made once but that ``make book`` does not re-run (its
+    time budget): only the record is there, not the weights. Seeds without a record are left out.
+    """
+    prof = get_profile(profile)
+    out = []
+    for seed in prof.seeds if seeds is None else seeds:
+        cfg = prof.config(method, student=student, teacher=teacher, seed=seed, **options)
+        path = REPO_RESULTS / prof.name / f"{run_name(cfg)}.json"
+        if path.exists():
+            rec = load_record(path)
+            if rec.get("hash") == config_hash(cfg):
+                out.append(rec)
     return out
 
 
@@ -96,7 +125,10 @@ def curve(records: list[dict], key: str) -> np.ndarray:
     """seeds × epochs array of a history key (``test_acc``, ``train_acc``) or a loss term."""
     def value(h):
         return h[key] if key in h else h["losses"].get(key, np.nan)
-    return np.array([[value(h) for h in r["history"]] for r in records], dtype=float)
+    length = max((len(r["history"]) for r in records), default=0)
+    # A diverged run has fewer epochs: its missing epochs are NaN (matplotlib leaves a gap).
+    return np.array([[value(h) for h in r["history"]] + [np.nan] * (length - len(r["history"])) for r in records],
+                    dtype=float)
 
 
 def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, ylabel=None):
@@ -120,6 +152,8 @@ def plot_loss_terms(records: list[dict], ax=None, title=None):
     """Every loss term of one method over epochs (mean over seeds), log scale."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
+    if not records or not records[0]["history"]:
+        raise KDLibError("no completed epoch to plot: the run diverged in its first epoch")
     for term in records[0]["history"][0]["losses"]:
         c = curve(records, term)
         ax.plot(np.arange(1, c.shape[1] + 1), c.mean(0), label=term, marker="o" if c.shape[1] == 1 else None)

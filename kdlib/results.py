@@ -102,8 +102,8 @@ def outcome(values: list[float], records: list[dict]) -> str:
     """``mean ± std`` of the complete runs, with the diverged ones counted beside it."""
     diverged = sum(not is_complete(r) for r in records)
     if diverged == len(records):
-        epochs = sorted({r.get("diverged_epoch") for r in records})
-        return "diverged (epoch " + ", ".join(str(e) for e in epochs) + ")"
+        epochs = sorted({int(r.get("diverged_epoch") or 0) for r in records})  # 0: not recorded
+        return "diverged (epoch " + ", ".join(str(e) if e else "?" for e in epochs) + ")"
     text = fmt_mean_std(values)
     return f"{text} ({diverged} diverged)" if diverged else text
 
@@ -166,6 +166,7 @@ def summarise(records: list[dict]) -> list[dict]:
                 "teacher": teacher or "-",
                 "student": student,
                 "seeds": len(recs),
+                "diverged": len(recs) - len(done),
                 "top1_last": mean_std(last),
                 "top1_best": mean_std(best),
                 "top1_last_str": outcome(last, recs),

@@ -131,6 +131,8 @@ def load_checkpoint(path: Path, expected_hash: str) -> dict:
     """Load with ``weights_only=True``; a corrupt or foreign file is a clear error."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KDLibError(f"no checkpoint at {path} (the run has not finished an epoch in this cache)") from None
     except Exception as e:  # torch raises many types for a damaged file
         raise KDLibError(f"checkpoint {path} is corrupt or not a kdlib checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "config_hash" not in ckpt:
@@ -166,10 +168,11 @@ def run(cfg: RunConfig, *, options: EngineOptions | None = None, root: Path | No
     if record is not None:
         return record
     diverged = find_record(cfg, root, status="diverged")
-    if diverged is not None:  # deterministic: training it again would diverge again
+    if diverged is not None:  # the same config, seed and arithmetic would diverge again
         raise NonFiniteLossError(
-            f"run {diverged['name']} diverged before: {diverged['error']} (record in {run_dir(cfg, root)}; "
-            "delete that folder to train it again)",
+            f"run {diverged['name']} diverged before ({diverged.get('device')}, {diverged.get('precision')}): "
+            f"{diverged['error']} (record in {run_dir(cfg, root)}; delete that folder to train it again, "
+            "e.g. on other hardware or at another precision)",
             record=diverged,
         )
     validate(cfg)  # fail in a second, not after the teacher has trained
@@ -277,7 +280,8 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
             distiller.on_epoch_end(epoch, row["losses"])
         except NonFiniteLossError as e:
             bar.close()
-            raise _diverged(cfg, key, folder, epoch, history, elapsed, device, e, main_process) from None
+            raise _diverged(cfg, key, folder, epoch, history, elapsed, device, use_amp, options, e,
+                           main_process) from None
         row["test_acc"] = evaluate(distiller.student, bundle.test, device)
         row["time_s"] = time.perf_counter() - t0
         elapsed += row["time_s"]
@@ -336,7 +340,8 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
 
 
 def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[dict], elapsed: float,
-              device: torch.device, error: NonFiniteLossError, main_process: bool) -> NonFiniteLossError:
+              device: torch.device, use_amp: bool, options: EngineOptions, error: NonFiniteLossError,
+              main_process: bool) -> NonFiniteLossError:
     """Write the ``diverged`` record (the epochs completed and the error) and return the error to raise.
 
     The last checkpoint stays: it holds the state at the end of the last finite epoch.
@@ -351,6 +356,9 @@ def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[
         "seed": cfg.seed,
         "versions": versions(),
         "device": device_description(device),
+        "precision": "bf16-autocast" if use_amp else "fp32",
+        "channels_last": options.channels_last,
+        "world_size": distributed.world()[1],
         "history": history,
         "top1_last": None,
         "top1_best": None,
@@ -359,6 +367,7 @@ def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[
     }
     if main_process:
         write_json_atomic(folder / RECORD, record)
+    distributed.barrier()  # every process stopped at the same step (check_finite agrees across ranks)
     return NonFiniteLossError(f"{error} (epoch {epoch + 1} of run {record['name']})", record=record)
 
 

@@ -12,7 +12,7 @@ from conftest import tiny_net
 
 from kdlib import KDLibError
 from kdlib.distill.aftkd import AFTKD, attention_loss, channel_block_pool
-from kdlib.distill.base import IncompatibleModelsError
+from kdlib.distill.base import IncompatibleModelsError, NonFiniteLossError
 from kdlib.distill.loss_weighting import EpochDWA, FixedWeighting, IterationDWA, dwa_weights
 from kdlib.distill.registry import create_distiller
 
@@ -272,6 +272,13 @@ def test_iteration_dwa_golden():
 def test_epoch_end_without_steps_raises():
     with pytest.raises(KDLibError, match="no training step"):
         EpochDWA(NAMES).epoch_end(0)
+
+
+def test_epoch_end_with_a_non_finite_mean_is_a_nonfinite_loss_error():
+    w = EpochDWA(["a", "b"])
+    w.observe({"a": torch.tensor(float("inf")), "b": torch.tensor(1.0)})
+    with pytest.raises(NonFiniteLossError, match=r"\['a'\] is not finite in epoch 0"):
+        w.epoch_end(0)
 
 
 # --- the distiller: raw accumulation, gradients, options ---------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kdlib.config import RunConfig
@@ -55,14 +56,48 @@ def test_markdown_table_and_report_table():
     assert "| **KD** | 2 | 81.00 ± 1.41 | 81.00 ± 0.00 | 2.00 |" in out
 
 
+def diverged_record(seed=2, epochs_done=2, epoch=None):
+    """What the engine writes: the completed epochs, no accuracy, no peak memory."""
+    rec = fake_record(seed=seed, epochs=epochs_done)
+    rec.update(status="diverged", top1_last=None, top1_best=None, diverged_epoch=epoch or epochs_done + 1,
+               error="loss term 'feat' is inf at step 9")
+    del rec["peak_memory"]
+    return rec
+
+
 def test_diverged_runs_are_counted_not_averaged():
-    bad = dict(fake_record(seed=2), status="diverged", top1_last=None, top1_best=None, diverged_epoch=3)
-    rows = {r["method"]: r for r in summarise([fake_record(seed=0, last=80), fake_record(seed=1, last=82), bad])}
-    assert rows["kd"]["seeds"] == 3
+    ok = [fake_record(seed=0, last=80), fake_record(seed=1, last=82)]
+    ok[1]["peak_memory"] = {"bytes": 3 * 2**20}
+    rows = {r["method"]: r for r in summarise([*ok, diverged_record()])}
+    assert rows["kd"]["seeds"] == 3 and rows["kd"]["diverged"] == 1
     assert rows["kd"]["top1_last_str"] == "81.00 ± 1.41 (1 diverged)"
-    alone = dict(bad, history=[])  # diverged in its first epoch: no time per epoch either
-    out = table({"iteration": [alone]})
-    assert "| iteration | 1 | diverged (epoch 3) | diverged (epoch 3) | nan |" in out
+    assert rows["kd"]["top1_last"][0] == pytest.approx(81.0)
+    assert rows["kd"]["peak_mem_mb"] == pytest.approx(2.0)  # the complete runs only
+    first_epoch = diverged_record(epochs_done=0)  # no epoch finished: no time per epoch either
+    out = table({"iteration": [first_epoch]})
+    assert "| iteration | 1 | diverged (epoch 1) | diverged (epoch 1) | nan |" in out
+    unknown = dict(first_epoch, diverged_epoch=None)
+    assert summarise([unknown, diverged_record(epoch=4)])[0]["top1_last_str"] == "diverged (epoch ?, 4)"
+
+
+def test_curve_pads_a_shorter_diverged_history_with_nan():
+    acc = curve([fake_record(seed=0, last=80), diverged_record(epochs_done=2)], "test_acc")
+    assert acc.shape == (2, 3) and np.isnan(acc[1, 2]) and not np.isnan(acc[1, :2]).any()
+
+
+def test_stored_runs_reads_committed_records_only(tmp_path, monkeypatch):
+    from kdlib import report
+    from kdlib.results import export_record, run_name
+
+    monkeypatch.setattr(report, "REPO_RESULTS", tmp_path)
+    monkeypatch.setattr(report, "run", lambda *a, **k: pytest.fail("stored_runs must never train"))
+    cfg = get_profile("smoke").config("kd", seed=0, tau=2.0)
+    assert report.stored_runs("smoke", "kd", seeds=[0], tau=2.0) == []
+    rec = dict(fake_record(seed=0, options={"tau": 2.0}), name=run_name(cfg), hash=config_hash(cfg))
+    export_record(rec, tmp_path / "smoke")
+    assert report.stored_runs("smoke", "kd", seeds=[0, 1], tau=2.0) == [rec]  # seed 1 has no record
+    export_record(dict(rec, hash="0" * 16), tmp_path / "smoke")  # same file name, another config
+    assert report.stored_runs("smoke", "kd", seeds=[0], tau=2.0) == []
 
 
 def test_curve_reads_metrics_and_loss_terms():
@@ -76,7 +111,8 @@ def test_report_runs_returns_diverged_records_only_when_asked(monkeypatch):
     from kdlib import report
     from kdlib.distill import NonFiniteLossError
 
-    bad = dict(fake_record(seed=0), status="diverged", top1_last=None, top1_best=None, diverged_epoch=2)
+    cfg = get_profile("smoke").config("kd", seed=0)
+    bad = dict(diverged_record(seed=0), hash=config_hash(cfg))
 
     def diverging_run(cfg, options=None):
         raise NonFiniteLossError("loss term 'feat' is inf at step 9", record=bad)
@@ -85,3 +121,30 @@ def test_report_runs_returns_diverged_records_only_when_asked(monkeypatch):
     with pytest.raises(NonFiniteLossError, match="'feat' is inf at step 9"):
         report.runs("smoke", "kd", seeds=[0])
     assert report.runs("smoke", "kd", seeds=[0], allow_diverged=True) == [bad]
+    # A teacher that diverged is not the student's result, even with allow_diverged.
+    bad["hash"] = config_hash(cfg.teacher)
+    with pytest.raises(NonFiniteLossError):
+        report.runs("smoke", "kd", seeds=[0], allow_diverged=True)
+
+
+def test_grid_keeps_going_past_a_diverged_run_and_reports_it(tmp_path, monkeypatch):
+    import kdlib.bench
+    from kdlib import KDLibError
+    from kdlib.distill import NonFiniteLossError
+
+    def fake_run(cfg, options=None):
+        rec = dict(fake_record(method=cfg.method, seed=cfg.seed), name=f"{cfg.method}-s{cfg.seed}",
+                   hash=config_hash(cfg), config=cfg.to_dict())
+        if cfg.method == "kd":
+            raise NonFiniteLossError("loss term 'kd' is nan at step 3", record=dict(
+                rec, status="diverged", top1_last=None, top1_best=None, diverged_epoch=1, history=[]))
+        return rec
+
+    monkeypatch.setattr(kdlib.bench, "run", fake_run)
+    with pytest.raises(KDLibError, match=r"1 run\(s\) diverged.*kd-s0 \(loss term 'kd' is nan at step 3\)"):
+        kdlib.bench.run_grid("smoke", methods=["kd", "at"], seeds=[0], out=tmp_path, progress=False)
+    assert {p.name for p in tmp_path.glob("*.json")} == {"kd-s0.json", "at-s0.json"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "diverged (epoch 1)" in summary and "| at |" in summary
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0]
+    assert header.endswith(",diverged")

@@ -78,14 +78,14 @@ def test_same_seed_same_result_other_seed_differs(tmp_path):
 class _NaNAfterTwoSteps(Distiller):
     needs_teacher = False
 
-    def __init__(self, student, teacher=None):
+    def __init__(self, student, teacher=None, after=2):
         super().__init__(student, None)
-        self.calls = 0
+        self.calls, self.after = 0, after
 
     def forward_train(self, x, y):
         self.calls += 1
         logits = self.student(x)
-        bad = torch.tensor(float("nan")) if self.calls > 2 else torch.tensor(0.0)
+        bad = torch.tensor(float("nan")) if self.calls > self.after else torch.tensor(0.0)
         return logits, {"ce": torch.nn.functional.cross_entropy(logits, y), "aux": bad + 0 * logits.sum()}
 
 
@@ -108,6 +108,17 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
     with pytest.raises(NonFiniteLossError, match=r"diverged before: .*delete that folder") as again:
         run(cfg, options=QUIET, root=tmp_path)
     assert again.value.record == rec
+
+
+def test_divergence_after_an_epoch_keeps_its_history_and_checkpoint(tmp_path):
+    cfg = tiny_cfg("test_nan", after=4)  # 3 steps per epoch: steps 0-3 finite, step 4 (epoch 2) NaN
+    with pytest.raises(NonFiniteLossError, match=r"'aux' is nan at step 4 \(epoch 2 of run ") as err:
+        run(cfg, options=QUIET, root=tmp_path)
+    rec = err.value.record
+    assert rec["diverged_epoch"] == 2 and [h["epoch"] for h in rec["history"]] == [1]
+    assert rec["precision"] == "fp32" and rec["world_size"] == 1
+    ckpt = load_checkpoint(run_dir(cfg, tmp_path) / CHECKPOINT, config_hash(cfg))
+    assert ckpt["epoch"] == 1  # the state at the end of the last finite epoch stays readable
 
 
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):

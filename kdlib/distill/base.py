@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlib import KDLibError
+from kdlib import KDLibError, distributed
 from kdlib.features import FeatureTap
 
 
@@ -131,10 +131,14 @@ def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
     One device sync per step: the check is the point (a NaN must stop the run, not poison it).
     """
     values = torch.stack([v.detach().float() for v in losses.values()])
-    if not bool(torch.isfinite(values).all()):
+    # Under torchrun every process must stop at the same step: one that went on would wait forever
+    # in DDP's gradient all-reduce for the one that stopped. (A no-op in a single process.)
+    bad = distributed.sum_across_ranks((~torch.isfinite(values)).any().float().reshape(1))
+    if bool(bad.item()):
         for name, v in zip(losses, values.tolist(), strict=True):
             if not math.isfinite(v):
                 raise NonFiniteLossError(f"loss term {name!r} is {v} at step {step}")
+        raise NonFiniteLossError(f"a loss term is not finite on another process at step {step}")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
