@@ -65,7 +65,7 @@ def run_grid(profile_name=None, methods=None, seeds=None, out=None, device=None,
             if e.record is None or e.record.get("hash") != config_hash(cfg):
                 raise  # e.g. the teacher diverged: nothing of this run to keep
             record = e.record
-            diverged.append(f"{record['name']} ({record['error']})")
+            diverged.append(f"{record['name']} ({record.get('error', e)})")
         export_record(record, folder)
     rows = write_summary(folder)
     print(markdown_table(rows, SUMMARY_COLUMNS))

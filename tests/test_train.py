@@ -78,7 +78,7 @@ def test_same_seed_same_result_other_seed_differs(tmp_path):
 class _NaNAfterTwoSteps(Distiller):
     needs_teacher = False
 
-    def __init__(self, student, teacher=None, after=2):
+    def __init__(self, student, teacher=None, *, after=2):
         super().__init__(student, None)
         self.calls, self.after = 0, after
 
@@ -105,7 +105,7 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
     assert find_record(cfg, tmp_path, status="diverged") == rec  # ... but a stored result
     # Asking again answers from the record at once, naming the folder to delete for a retry.
     monkeypatch.setattr("kdlib.train._fit", lambda *a, **k: pytest.fail("trained a diverged run again"))
-    with pytest.raises(NonFiniteLossError, match=r"diverged before: .*delete that folder") as again:
+    with pytest.raises(NonFiniteLossError, match=r"diverged before \(cpu.*fp32\): .*delete that folder") as again:
         run(cfg, options=QUIET, root=tmp_path)
     assert again.value.record == rec
 
