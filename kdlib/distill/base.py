@@ -117,7 +117,9 @@ class Distiller(nn.Module):
         Returns the logits and the detached loss terms.
         """
         logits, losses = (forward or self.forward_train)(x, y)
-        check_finite(losses, step)
+        # The engine passes a forward only under torchrun (the DDP wrapper): then every process must
+        # agree before DDP's gradient all-reduce in backward. A lone step (memory measurement) must not.
+        check_finite(losses, step, across_ranks=forward is not None)
         sum(losses.values()).backward()
         return logits.detach(), {k: v.detach() for k, v in losses.items()}
 
@@ -125,15 +127,17 @@ class Distiller(nn.Module):
         """Called by the engine after each training epoch (AFT-KD adapts its weights here)."""
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+def check_finite(losses: dict[str, torch.Tensor], step: int, across_ranks: bool = False) -> None:
     """Raise :class:`NonFiniteLossError` naming the first NaN/inf term.
 
     One device sync per step: the check is the point (a NaN must stop the run, not poison it).
     """
     values = torch.stack([v.detach().float() for v in losses.values()])
-    # Under torchrun every process must stop at the same step: one that went on would wait forever
-    # in DDP's gradient all-reduce for the one that stopped. (A no-op in a single process.)
-    bad = distributed.sum_across_ranks((~torch.isfinite(values)).any().float().reshape(1))
+    # across_ranks (torchrun): every process must stop at the same step; one that went on would wait
+    # forever in DDP's gradient all-reduce for the one that stopped.
+    bad = (~torch.isfinite(values)).any().float().reshape(1)
+    if across_ranks:
+        bad = distributed.sum_across_ranks(bad)
     if bool(bad.item()):
         for name, v in zip(losses, values.tolist(), strict=True):
             if not math.isfinite(v):
