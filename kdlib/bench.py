@@ -15,13 +15,12 @@ from kdlib.profiles import PAPER_PAIRS, get_profile
 from kdlib.results import (
     REPO_RESULTS,
     SUMMARY_COLUMNS,
-    config_hash,
     export_record,
     load_records,
     markdown_table,
     summarise,
 )
-from kdlib.train import EngineOptions, run
+from kdlib.train import EngineOptions, diverged_record, run
 
 BOOK_METHODS = ("vanilla", "kd", "fitnets", "at", "afd", "sakd", "aftkd", "sam_kd", "lakd")
 
@@ -62,9 +61,9 @@ def run_grid(profile_name=None, methods=None, seeds=None, out=None, device=None,
         try:
             record = run(cfg, options=options)
         except NonFiniteLossError as e:  # a result to keep; the grid goes on and reports it at the end
-            if e.record is None or e.record.get("hash") != config_hash(cfg):
+            record = diverged_record(e, cfg)
+            if record is None:
                 raise  # e.g. the teacher diverged: nothing of this run to keep
-            record = e.record
             diverged.append(f"{record['name']} ({record.get('error', e)})")
         export_record(record, folder)
     rows = write_summary(folder)

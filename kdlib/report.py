@@ -23,7 +23,7 @@ from kdlib.results import (
     outcome,
     run_name,
 )
-from kdlib.train import EngineOptions, load_model, run
+from kdlib.train import EngineOptions, diverged_record, load_model, run
 
 
 def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, progress=True,
@@ -40,10 +40,9 @@ def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, p
         try:
             rec = run(cfg, options=EngineOptions(progress=progress))
         except NonFiniteLossError as e:
-            # Only this run's own record: a teacher that diverged is not the student's result.
-            if not (allow_diverged and e.record is not None and e.record.get("hash") == config_hash(cfg)):
+            rec = diverged_record(e, cfg) if allow_diverged else None
+            if rec is None:
                 raise
-            rec = e.record
         if prof.name == "book":
             export_record(rec, REPO_RESULTS / "book")
         out.append(rec)

@@ -183,6 +183,13 @@ def run(cfg: RunConfig, *, options: EngineOptions | None = None, root: Path | No
     return _fit(cfg, teacher, options, root)
 
 
+def diverged_record(error: NonFiniteLossError, cfg: RunConfig) -> dict | None:
+    """The ``diverged`` record of ``cfg`` that ``error`` carries; None if it carries none, or that of
+    another run (the teacher, trained first): a teacher's divergence is not the student's result."""
+    record = error.record
+    return record if record is not None and record.get("hash") == config_hash(cfg) else None
+
+
 def validate(cfg: RunConfig) -> None:
     """Check names, options and the teacher/student pairing by building the distiller once."""
     if cfg.data.name not in ("shapes", "cifar10", "cifar100"):
@@ -309,24 +316,8 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
 
     accs = [h["test_acc"] for h in history]
     best = max(range(len(accs)), key=accs.__getitem__)
-    record = {
-        "name": run_name(cfg),
-        "hash": key,
-        "status": "complete",
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "versions": versions(),
-        "device": device_description(device),
-        "precision": "bf16-autocast" if use_amp else "fp32",
-        "channels_last": options.channels_last,
-        "history": history,
-        "top1_last": accs[-1],
-        "top1_best": accs[best],
-        "best_epoch": best + 1,
-        "wall_time_s": elapsed,
-        "world_size": world_size,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    record = _record(cfg, key, "complete", device, use_amp, options, history, elapsed)
+    record.update(top1_last=accs[-1], top1_best=accs[best], best_epoch=best + 1)
     if options.on_end is not None:
         options.on_end(distiller)
     if main_process:
@@ -339,19 +330,13 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
     return record
 
 
-def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[dict], elapsed: float,
-              device: torch.device, use_amp: bool, options: EngineOptions, error: NonFiniteLossError,
-              main_process: bool) -> NonFiniteLossError:
-    """Write the ``diverged`` record (the epochs completed and the error) and return the error to raise.
-
-    The last checkpoint stays: it holds the state at the end of the last finite epoch.
-    """
-    record = {
+def _record(cfg: RunConfig, key: str, status: str, device: torch.device, use_amp: bool, options: EngineOptions,
+            history: list[dict], elapsed: float) -> dict:
+    """What every record holds, whatever the run's outcome (the caller adds accuracy or the error)."""
+    return {
         "name": run_name(cfg),
         "hash": key,
-        "status": "diverged",
-        "error": str(error),
-        "diverged_epoch": epoch + 1,
+        "status": status,
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "versions": versions(),
@@ -360,11 +345,20 @@ def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[
         "channels_last": options.channels_last,
         "world_size": distributed.world()[1],
         "history": history,
-        "top1_last": None,
-        "top1_best": None,
         "wall_time_s": elapsed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[dict], elapsed: float,
+              device: torch.device, use_amp: bool, options: EngineOptions, error: NonFiniteLossError,
+              main_process: bool) -> NonFiniteLossError:
+    """Write the ``diverged`` record (the epochs completed and the error) and return the error to raise.
+
+    The last checkpoint stays: it holds the state at the end of the last finite epoch.
+    """
+    record = _record(cfg, key, "diverged", device, use_amp, options, history, elapsed)
+    record.update(top1_last=None, top1_best=None, error=str(error), diverged_epoch=epoch + 1)
     if main_process:
         write_json_atomic(folder / RECORD, record)
     distributed.barrier()  # every process stopped at the same step (check_finite agrees across ranks)
