@@ -6,7 +6,8 @@ seed, wall time per run, and the four targets (run <= 4 min, teacher >= vanilla 
 <= 1.5, KD >= vanilla + 1).
 
     python benchmarks/calibrate_book.py --candidates B C --methods vanilla
-    python benchmarks/calibrate_book.py --candidates C --methods vanilla kd
+    python benchmarks/calibrate_book.py --candidates "lr 0.3, difficulty 0.75" --methods vanilla kd
+    python benchmarks/calibrate_book.py --candidates "lr 0.3, difficulty 0.75" --methods vanilla --seeds 3 4
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ BOOK = PROFILE_TABLE["book"]
 
 
 def candidate(train_size: int, student_epochs: int, teacher_epochs: int, teacher: str = "resnet20",
-              difficulty: float = 1.0, student_lr: float | None = None) -> Profile:
+              difficulty: float = 1.0, student_lr: float | None = None, **student_optim) -> Profile:
+    """The book profile with other sizes; ``student_optim`` overrides other fields of the student's optimiser."""
     data = dataclasses.replace(BOOK.data, train_size=train_size, difficulty=difficulty)
-    lr = BOOK.student_optim.lr if student_lr is None else student_lr
+    lr = 0.1 if student_lr is None else student_lr  # the first book setting's rate
     return dataclasses.replace(
         BOOK, data=data, teacher=teacher,
-        student_optim=dataclasses.replace(BOOK.student_optim, epochs=student_epochs, lr=lr),
+        student_optim=dataclasses.replace(BOOK.student_optim, epochs=student_epochs, lr=lr, **student_optim),
         teacher_optim=dataclasses.replace(BOOK.teacher_optim, epochs=teacher_epochs),
     )
 
 
 CANDIDATES = {
-    # The setting the book profile uses (its runs are the book's own: the cache shares them).
-    "book": BOOK,
+    # The first book setting (difficulty 1, student lr 0.1); the `book` profile now uses
+    # "lr 0.3, difficulty 0.75" below (its runs are the book's own: the cache shares them).
+    "first book setting": candidate(4000, 20, 30, "resnet14"),
     # CALIBRATION.md's recipe: 2,000 images x 60 epochs (120k samples per student run).
     "A": candidate(2000, 60, 90),
     # Same sample budget, more distinct images.
@@ -48,15 +51,25 @@ CANDIDATES = {
     "E": candidate(8000, 10, 23),
     # The book setting with another student learning rate (the teacher is the book's own run): the
     # vanilla student is still learning at its last epoch, so its spread follows its speed.
-    "book, lr 0.05": candidate(4000, 20, 30, "resnet14", student_lr=0.05),
-    "book, lr 0.2": candidate(4000, 20, 30, "resnet14", student_lr=0.2),
-    "book, lr 0.4": candidate(4000, 20, 30, "resnet14", student_lr=0.4),
+    "lr 0.05": candidate(4000, 20, 30, "resnet14", student_lr=0.05),
+    "lr 0.2": candidate(4000, 20, 30, "resnet14", student_lr=0.2),
+    "lr 0.4": candidate(4000, 20, 30, "resnet14", student_lr=0.4),
+    # Session 16: other levers on the vanilla student's spread (same budget per run).
+    "lr 0.3": candidate(4000, 20, 30, "resnet14", student_lr=0.3),
+    "lr 0.4, warm-up 15 %": candidate(4000, 20, 30, "resnet14", student_lr=0.4, warmup_frac=0.15),
+    "lr 0.2, weight decay 1e-4": candidate(4000, 20, 30, "resnet14", student_lr=0.2, weight_decay=1e-4),
+    "lr 0.2, difficulty 0.75": candidate(4000, 20, 30, "resnet14", difficulty=0.75, student_lr=0.2),
+    "lr 0.4, difficulty 0.75": candidate(4000, 20, 30, "resnet14", difficulty=0.75, student_lr=0.4),
+    "difficulty 0.75": candidate(4000, 20, 30, "resnet14", difficulty=0.75),
+    "difficulty 0.5": candidate(4000, 20, 30, "resnet14", difficulty=0.5),
+    "lr 0.2, difficulty 0.5": candidate(4000, 20, 30, "resnet14", difficulty=0.5, student_lr=0.2),
+    "lr 0.3, difficulty 0.75": candidate(4000, 20, 30, "resnet14", difficulty=0.75, student_lr=0.3),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--candidates", nargs="+", default=["book"])
+    ap.add_argument("--candidates", nargs="+", default=["lr 0.3, difficulty 0.75"])
     ap.add_argument("--methods", nargs="+", default=["vanilla", "kd"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default=str(REPO_RESULTS / "calibration_book.json"))
@@ -71,17 +84,25 @@ def main() -> None:
         entry["setting"] = {"train_size": prof.data.train_size, "test_size": prof.data.test_size,
                             "student_epochs": prof.student_optim.epochs, "student_lr": prof.student_optim.lr,
                             "teacher_epochs": prof.teacher_optim.epochs, "teacher": prof.teacher,
-                            "student": prof.student, "difficulty": prof.data.difficulty}
+                            "student": prof.student, "difficulty": prof.data.difficulty,
+                            "student_warmup_frac": prof.student_optim.warmup_frac,
+                            "student_weight_decay": prof.student_optim.weight_decay}
         t = run(prof.teacher_config(), options=opts)  # cached after the first candidate with this teacher
         entry["teacher"] = {"top1_last": t["top1_last"], "wall_time_s": t["wall_time_s"], "record": t["name"]}
         for method in args.methods:
-            recs = [run(prof.config(method, seed=s), options=opts) for s in args.seeds]
+            # Seeds asked for now are added to those measured before (a check with more seeds keeps
+            # the first three, on which the targets are judged).
+            old = entry.get(method, {})
+            measured = {s: (old["top1_last"][i], old["top1_best"][i], old["wall_time_s"][i], old["records"][i])
+                        for i, s in enumerate(old.get("seeds", []))}
+            for s in args.seeds:
+                r = run(prof.config(method, seed=s), options=opts)
+                measured[s] = (r["top1_last"], r["top1_best"], round(r["wall_time_s"], 1), r["name"])
+            seeds = sorted(measured)
             entry[method] = {
-                "seeds": args.seeds,
-                "top1_last": [r["top1_last"] for r in recs],
-                "top1_best": [r["top1_best"] for r in recs],
-                "wall_time_s": [round(r["wall_time_s"], 1) for r in recs],
-                "records": [r["name"] for r in recs],
+                "seeds": seeds,
+                **{key: [measured[s][i] for s in seeds]
+                   for i, key in enumerate(("top1_last", "top1_best", "wall_time_s", "records"))},
             }
             write_json_atomic(out, summary)
         entry["targets"] = targets(entry)
@@ -93,10 +114,16 @@ def targets(entry: dict) -> dict:
     """The four targets of the engine issue, evaluated on what has been measured."""
     res = {}
     if "vanilla" in entry:
-        v = entry["vanilla"]["top1_last"]
+        first3 = [v for s, v in zip(entry["vanilla"]["seeds"], entry["vanilla"]["top1_last"]) if s in (0, 1, 2)]
+        v = first3 or entry["vanilla"]["top1_last"]
         res["vanilla_mean"] = statistics.fmean(v)
         res["vanilla_std"] = statistics.stdev(v) if len(v) > 1 else None
         res["vanilla_std_le_1.5"] = res["vanilla_std"] is not None and res["vanilla_std"] <= 1.5
+        every = entry["vanilla"]["top1_last"]
+        if len(every) > len(v):  # a check on more seeds than the three the target names
+            res["vanilla_seeds_all"] = len(every)
+            res["vanilla_mean_all"] = statistics.fmean(every)
+            res["vanilla_std_all"] = statistics.stdev(every)
     if "kd" in entry and "vanilla" in entry:
         res["kd_mean"] = statistics.fmean(entry["kd"]["top1_last"])
         res["kd_minus_vanilla"] = res["kd_mean"] - res["vanilla_mean"]

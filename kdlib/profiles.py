@@ -62,7 +62,7 @@ class Profile:
 _CRD = OptimConfig(epochs=240, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",
                    milestones=(150, 180, 210), gamma=0.1)
 
-# The book recipe (CALIBRATION.md's optimiser; the sizes are set per profile below).
+# The book recipe (CALIBRATION.md's optimiser; sizes and the student's rate are set per profile below).
 _BOOK_STUDENT = OptimConfig(epochs=60, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                             no_decay_bn_bias=True, schedule="cosine", warmup_frac=0.05)
 
@@ -79,14 +79,17 @@ PROFILE_TABLE: dict[str, Profile] = {
     # 4,000 images × 20 epochs at batch 64 (80k samples, 1,250 steps per student run) and a resnet14
     # teacher: the budget of `make book` (about 45 runs in 90 minutes on 2 cores) set the size; at batch
     # 128 and 15 epochs (470 steps) the student was still on its early plateau (53 % top-1, seed 0).
-    # results/calibration_book.json has the figures of this setting.
+    # Difficulty 0.75 and a student peak lr of 0.3 (the teacher keeps 0.1): at difficulty 1 and lr 0.1
+    # the vanilla student was still learning at its last epoch and its seed spread was 7.8 points.
+    # results/calibration_book.json has every candidate tried; this one meets the four targets
+    # (vanilla 1.20 std on seeds 0-2, KD +2.4, teacher +7.4); at lr 0.4 KD no longer beat vanilla.
     "book": Profile(
         name="book",
-        data=DataConfig(name="shapes", batch_size=64, train_size=4000, test_size=2000),
+        data=DataConfig(name="shapes", batch_size=64, train_size=4000, test_size=2000, difficulty=0.75),
         teacher="resnet14",
         student="resnet8",
         teacher_optim=dataclasses.replace(_BOOK_STUDENT, epochs=30),
-        student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=20),
+        student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=20, lr=0.3),
         seeds=(0, 1, 2),
     ),
     "paper": Profile(

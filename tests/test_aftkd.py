@@ -328,7 +328,7 @@ def test_terms_scaled_by_lambdas(tiny_pair, batch):
     raw = d.raw_losses(s_logits, t_logits, sf, tf)
     assert set(losses) == {"ce", "kd", "feat", "att"}
     assert losses["att"].item() == pytest.approx(10.0 * raw["att"].item(), rel=1e-6)
-    assert losses["feat"].item() == pytest.approx(100.0 * raw["feat"].item(), rel=1e-6)
+    assert losses["feat"].item() == pytest.approx(30.0 * raw["feat"].item(), rel=1e-6)
     assert losses["kd"].item() == pytest.approx(0.9 * raw["kd"].item(), rel=1e-6)
     assert d.weighting._steps_in_epoch == 0  # eval mode: nothing recorded for the weighting
 

@@ -13,7 +13,7 @@ Losses, raw (unweighted):
     L_kd   = τ²·KL(p_t^τ ‖ p_s^τ),  τ = 4
 
 and the training loss is ``L = CE + Σ_k w_k·λ_k·L_k`` over ``k ∈ {kd, feat, att}`` with base
-scales ``λ = (0.9, 100, 1000)`` and weights ``w_k`` from the loss-descent rate
+scales ``λ = (0.9, 30, 1000)`` and weights ``w_k`` from the loss-descent rate
 (:mod:`kdlib.distill.loss_weighting`). The returned terms are already multiplied by ``w_k·λ_k``.
 
 Options (keyword-only):
@@ -32,8 +32,9 @@ Options (keyword-only):
     (with channel pooling: the pooled teacher feature, gated by the full teacher feature's
     attention). The factor √(HW) gives ``Â`` unit mean square, so ``B(F)`` keeps the scale of
     ``F`` on average; but a peaked gate makes the loss much sharper than ``L_feat``: at
-    ``λ_afb = 100`` training diverged at lr 0.1 (loss 7e4 after one epoch on ``shapes``), so the
-    default is ``λ_afb = 10``, which trained stably. The terms are then ``kd`` and
+    ``λ_afb = 100`` training diverged at lr 0.1 (loss 7e4 after one epoch on ``shapes``) while
+    ``λ_afb = 10`` trained stably. The default keeps that product of scale and rate at the book's
+    lr 0.3: ``λ_afb = 3``. The terms are then ``kd`` and
     ``afb`` (K = 2 losses for the weighting).
 ``align``
     ``"adapter"`` (default): ``φ_l`` = 1×1 conv (no bias) + BN from ``C_s`` to ``C_t`` channels,
@@ -65,7 +66,11 @@ from kdlib.distill.registry import register_distiller
 
 AFB_MODES = ("pair", "fused")
 ALIGN_MODES = ("adapter", "channel_pool")
-DEFAULT_LAMBDAS = {"kd": 0.9, "feat": 100.0, "att": 1000.0, "afb": 10.0}
+# Base scales. λ_kd and λ_att are KD's 0.9 and AT's β = 1000. λ_feat started as FitNets' 100, but
+# L_feat sums three stages and the book's student rate is 0.3: at (100, lr 0.3) the first run
+# diverged at the end of the warm-up ("feat" inf at step 60), at (100, lr 0.1) it trained stably.
+# 30 keeps λ·lr of the stable setting; λ_afb = 3 likewise (see ``afb`` above).
+DEFAULT_LAMBDAS = {"kd": 0.9, "feat": 30.0, "att": 1000.0, "afb": 3.0}
 
 
 # --- the pieces, as plain functions (tests and figures use them directly) ----------------------------
