@@ -54,7 +54,7 @@ from kdlib.data import CIFAR100_MEAN, CIFAR100_STD, TensorBatches
 from kdlib.distill import create_distiller, kd_loss, list_distillers
 from kdlib.memory import train_step_peak_memory
 from kdlib.models import create_model, list_models
-from kdlib.results import device_description, versions, write_json_atomic
+from kdlib.run_store import device_description, versions, write_json_atomic
 from kdlib.train import EngineOptions, lr_factor, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parent.parent

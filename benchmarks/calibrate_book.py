@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from kdlib.profiles import PROFILE_TABLE, Profile
-from kdlib.results import REPO_RESULTS, write_json_atomic
+from kdlib.run_store import results_root, write_json_atomic
 from kdlib.train import EngineOptions, run
 
 BOOK = PROFILE_TABLE["book"]
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="+", default=["lr 0.3, difficulty 0.75"])
     ap.add_argument("--methods", nargs="+", default=["vanilla", "kd"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--out", default=str(REPO_RESULTS / "calibration_book.json"))
+    ap.add_argument("--out", default=str(results_root() / "calibration_book.json"))
     args = ap.parse_args()
 
     out = Path(args.out)

@@ -8,6 +8,7 @@ along the last dimension.
 - :func:`spatial_distribution`   ``P(i | c) = softmax_i(F[c, i] / τ)``     spatial-attention-map KD
 - :func:`channel_marginal`       ``M(i) = mean_c P(i | c)``               spatial-attention-map KD
 - :func:`ndam_map`               ``m(F) = norm(vec(mean_c |F|²))``        LAKD (sign-agnostic NDAM)
+- :func:`map_distance`           ``mean((m(F_s) − m(F_t))²)``, aligned   AT, AFT-KD, LAKD
 """
 
 from __future__ import annotations
@@ -83,3 +84,14 @@ def to_image_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     lo = maps.flatten(1).min(1).values[:, None, None]
     hi = maps.flatten(1).max(1).values[:, None, None]
     return (maps - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def map_distance(fs: torch.Tensor, ft: torch.Tensor, map_fn=at_map) -> torch.Tensor:
+    """``mean((m(F_s) − m(F_t))²)`` after pooling the larger map to the smaller one's size.
+
+    With the default ``m = a`` (:func:`at_map`) this is the AT distance that AT, AFT-KD's ``L_att``
+    and (with ``m`` = :func:`ndam_map`) LAKD's attention loss share.
+    """
+    fs, ft = align_spatial(fs, ft)
+    return (map_fn(fs) - map_fn(ft)).pow(2).mean()
+

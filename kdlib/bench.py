@@ -12,14 +12,8 @@ from pathlib import Path
 from kdlib import KDLibError
 from kdlib.distill.base import NonFiniteLossError
 from kdlib.profiles import PAPER_PAIRS, get_profile
-from kdlib.results import (
-    REPO_RESULTS,
-    SUMMARY_COLUMNS,
-    export_record,
-    load_records,
-    markdown_table,
-    summarise,
-)
+from kdlib.results import SUMMARY_COLUMNS, markdown_table, summarise
+from kdlib.run_store import export_record, load_records, results_root
 from kdlib.train import EngineOptions, diverged_record, run
 
 BOOK_METHODS = ("vanilla", "kd", "fitnets", "at", "afd", "sakd", "aftkd", "sam_kd", "lakd")
@@ -54,7 +48,7 @@ def write_summary(folder: Path) -> list[dict]:
 
 def run_grid(profile_name=None, methods=None, seeds=None, out=None, device=None, progress=True) -> list[dict]:
     profile = get_profile(profile_name)
-    folder = Path(out) if out else REPO_RESULTS / profile.name
+    folder = Path(out) if out else results_root() / profile.name
     options = EngineOptions(device=device, progress=progress)
     diverged = []
     for cfg in grid(profile.name, methods, seeds):

@@ -44,7 +44,7 @@ def _config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from kdlib.results import REPO_RESULTS, export_record, run_dir
+    from kdlib.run_store import export_record, results_root, run_dir
     from kdlib.train import EngineOptions, run
 
     cfg = _config_from_args(args)
@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
     print(f"top-1 last {record['top1_last']:.2f} %, best {record['top1_best']:.2f} % (epoch {record['best_epoch']})")
     print(f"record: {run_dir(cfg) / 'record.json'}")
     if args.export:
-        out = Path(args.export) if args.export != "results" else REPO_RESULTS / cfg.profile
+        out = Path(args.export) if args.export != "results" else results_root() / cfg.profile
         print(f"exported: {export_record(record, out)}")
     return 0
 
@@ -66,7 +66,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kdlib.results import SUMMARY_COLUMNS, load_records, markdown_table, summarise
+    from kdlib.results import SUMMARY_COLUMNS, markdown_table, summarise
+    from kdlib.run_store import load_records
 
     records = load_records(args.results)
     if not records:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kdlib.config import DataConfig, OptimConfig, RunConfig, active_profile
+from kdlib.distill.registry import resolve_options
 
 # CRD: lr 0.01 for MobileNetV2 and ShuffleNet students, 0.05 otherwise.
 SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -56,7 +57,8 @@ class Profile:
             seed=seed,
             profile=self.name,
         )
-        return cfg.with_options(**options) if options else cfg
+        # Every option resolved and validated now: the record says what ran, and bad input fails here.
+        return cfg.with_options(**resolve_options(method, options))
 
 
 _CRD = OptimConfig(epochs=240, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",

@@ -13,17 +13,18 @@ import numpy as np
 from kdlib import KDLibError
 from kdlib.distill.base import NonFiniteLossError
 from kdlib.profiles import get_profile
-from kdlib.results import (
-    REPO_RESULTS,
+from kdlib.results import is_complete, markdown_table, outcome
+from kdlib.run_store import (
+    CHECKPOINT,
     config_hash,
     export_record,
-    is_complete,
+    load_checkpoint,
     load_record,
-    markdown_table,
-    outcome,
+    results_root,
+    run_dir,
     run_name,
 )
-from kdlib.train import EngineOptions, diverged_record, load_model, run
+from kdlib.train import EngineOptions, diverged_record, load_model, num_classes, run
 
 
 def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, progress=True,
@@ -44,7 +45,7 @@ def runs(profile: str, method: str, *, seeds=None, student=None, teacher=None, p
             if rec is None:
                 raise
         if prof.name == "book":
-            export_record(rec, REPO_RESULTS / "book")
+            export_record(rec, results_root() / "book")
         out.append(rec)
     return out
 
@@ -59,7 +60,7 @@ def stored_runs(profile: str, method: str, *, seeds=None, student=None, teacher=
     out = []
     for seed in prof.seeds if seeds is None else seeds:
         cfg = prof.config(method, student=student, teacher=teacher, seed=seed, **options)
-        path = REPO_RESULTS / prof.name / f"{run_name(cfg)}.json"
+        path = results_root() / prof.name / f"{run_name(cfg)}.json"
         if path.exists():
             rec = load_record(path)
             if rec.get("hash") == config_hash(cfg):
@@ -71,7 +72,7 @@ def teacher_record(profile: str, teacher: str | None = None) -> dict:
     prof = get_profile(profile)
     rec = run(prof.teacher_config(teacher))
     if prof.name == "book":
-        export_record(rec, REPO_RESULTS / "book")
+        export_record(rec, results_root() / "book")
     return rec
 
 
@@ -90,8 +91,6 @@ def distiller_of(record: dict):
     from kdlib.config import RunConfig
     from kdlib.distill import create_distiller
     from kdlib.models import create_model
-    from kdlib.results import run_dir
-    from kdlib.train import CHECKPOINT, load_checkpoint, num_classes
 
     cfg = RunConfig.from_dict(record["config"])
     student = create_model(cfg.student, num_classes=num_classes(cfg))

@@ -1,97 +1,30 @@
-"""Run records, the run cache keyed by config hash, and summary tables.
+"""Summaries of run records: mean ± std, outcome strings, the summary table.
 
-Results are data: every number the book shows comes from a JSON record written by the engine,
-holding the resolved config, seed, versions, device, per-epoch curves, last- and best-epoch
-accuracy, wall time and peak memory.
+Records themselves (identity, folders, atomic writes, checkpoints) live in :mod:`kdlib.run_store`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import platform
 import statistics
-from pathlib import Path
 
-import torch
-
-import kdlib
-from kdlib import KDLibError
-from kdlib.config import RunConfig
-
-REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """Stable 16-hex-digit hash of a run config (the teacher's config included)."""
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+# The chapters' imports (kdlib.results.run_dir, REPO_RESULTS, ...) as stored in the committed
+# notebooks: the run store's names, re-exported.
+from kdlib.run_store import (  # noqa: F401
+    device_description,
+    load_record,
+    load_records,
+    results_root,
+    run_dir,
+    write_json_atomic,
+)
 
 
-def run_name(cfg: RunConfig) -> str:
-    """Human-readable, unique folder name: ``<method>-<student>[-from-<teacher>]-s<seed>-<hash>``."""
-    parts = [cfg.method, cfg.student]
-    if cfg.teacher is not None:
-        parts.append(f"from-{cfg.teacher.student}")
-    parts += [f"s{cfg.seed}", config_hash(cfg)]
-    return "-".join(parts)
-
-
-def cache_root() -> Path:
-    """``$KDLIB_CACHE`` or ``~/.cache/kdlib``."""
-    root = os.environ.get("KDLIB_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "kdlib"
-
-
-def run_dir(cfg: RunConfig, root: Path | None = None) -> Path:
-    return (root or cache_root()) / "runs" / run_name(cfg)
-
-
-def versions() -> dict[str, str]:
-    import torchvision
-
-    return {
-        "kdlib": kdlib.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def load_record(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KDLibError(f"cannot read run record {path}: {e}") from None
-
-
-def find_record(cfg: RunConfig, root: Path | None = None, status: str = "complete") -> dict | None:
-    """The record of this exact config in the cache with the given status, or None.
-
-    ``status`` is ``complete`` (a finished run) or ``diverged`` (a run stopped by a NaN/inf loss).
-    """
-    path = run_dir(cfg, root) / "record.json"
-    if path.exists():
-        rec = load_record(path)
-        if rec.get("status") == status and rec.get("hash") == config_hash(cfg):
-            return rec
-    return None
+def __getattr__(name: str):
+    # REPO_RESULTS is computed when asked for: $KDLIB_RESULTS may be set after import.
+    if name == "REPO_RESULTS":
+        return results_root()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_complete(record: dict) -> bool:
@@ -106,18 +39,6 @@ def outcome(values: list[float], records: list[dict]) -> str:
         return "diverged (epoch " + ", ".join(str(e) if e else "?" for e in epochs) + ")"
     text = fmt_mean_std(values)
     return f"{text} ({diverged} diverged)" if diverged else text
-
-
-def export_record(record: dict, folder: Path) -> Path:
-    """Copy a record into a results folder (committed to the repository)."""
-    path = Path(folder) / f"{record['name']}.json"
-    write_json_atomic(path, record)
-    return path
-
-
-def load_records(folder: Path | str) -> list[dict]:
-    folder = Path(folder)
-    return [load_record(p) for p in sorted(folder.glob("*.json")) if not p.name.startswith("summary")]
 
 
 # --- summaries --------------------------------------------------------------------------------
@@ -136,11 +57,18 @@ def fmt_mean_std(values: list[float], digits: int = 2) -> str:
 
 
 def method_label(cfg: dict) -> str:
-    """``sakd`` for default options, ``sakd (p=0.3, taps='stages')`` otherwise."""
+    """``sakd`` for default options, ``sakd (p=0.3, taps='stages')`` otherwise.
+
+    Records hold every option resolved; the label names those that differ from today's defaults.
+    """
+    from kdlib.distill import resolve_options
+
     options = cfg.get("method_options") or {}
-    if not options:
+    defaults = resolve_options(cfg["method"])
+    changed = {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
+    if not changed:
         return cfg["method"]
-    return f"{cfg['method']} (" + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
+    return f"{cfg['method']} (" + ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())) + ")"
 
 
 def summarise(records: list[dict]) -> list[dict]:

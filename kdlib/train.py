@@ -1,23 +1,29 @@
 """The training engine: fit, evaluate, checkpoint, resume, cache.
 
 ``run(cfg)`` is the entry point every notebook and the CLI use: it returns the cached record of a
-finished run with the same config, resumes an interrupted one from its last checkpoint, or trains
-it from scratch. Teachers are trained by the same engine (a teacher is a ``vanilla`` run), so a
-student run first asks for its teacher's run.
+finished run with the same identity, resumes an interrupted one from its last checkpoint, or
+trains it from scratch. Teachers are trained by the same engine (a teacher is a ``vanilla`` run),
+so a student run first asks for its teacher's run. Everything a user can get wrong (options,
+epochs, device, dataset, the pairing) is checked before the teacher trains.
 
 Determinism: the data order and augmentation of epoch ``e`` are a pure function of (seed, e)
 (``set_epoch``), and the checkpoint holds the torch RNG state for everything else (dropout in
 SAKD), so a run killed at any point and resumed ends with the same weights as one that was not.
+
+Records, folders, checkpoints and the run lock live in :mod:`kdlib.run_store`; the arithmetic
+(fp32, bf16 or fp16 autocast, memory layout) in :mod:`kdlib.precision`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,43 +34,77 @@ from tqdm import tqdm
 from kdlib import KDLibError, distributed
 from kdlib.config import OptimConfig, RunConfig
 from kdlib.data import get_loaders
+from kdlib.data.loaders import DATASETS
 from kdlib.distill import create_distiller
 from kdlib.distill.base import NonFiniteLossError
 from kdlib.models import create_model
-from kdlib.results import (
+from kdlib.precision import Precision, resolve_precision
+from kdlib.run_store import (
+    CHECKPOINT,
+    RECORD,
+    WEIGHTS,
     config_hash,
     device_description,
     find_record,
+    load_checkpoint,
+    load_weights,
     run_dir,
+    run_lock,
     run_name,
+    save_atomic,
     versions,
     write_json_atomic,
 )
 
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "student.pt"
-RECORD = "record.json"
+__all__ = ["CHECKPOINT", "RECORD", "WEIGHTS", "EngineOptions", "evaluate", "load_checkpoint", "load_model",
+           "lr_factor", "make_optimizer", "run", "train_epoch", "validate"]
 
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How a run executes, as opposed to what it computes (not part of the config hash).
+    """How a run executes, as opposed to what it computes (not part of the run's identity).
 
-    ``channels_last`` changes the memory layout only. ``amp`` (bf16 autocast) is used on CUDA
-    only and is written into the record, since it changes the arithmetic.
+    ``precision``: ``auto`` (the policy of :func:`kdlib.precision.resolve_precision`), ``fp32``,
+    ``bf16`` or ``fp16``; it changes the arithmetic, so the record states it. ``channels_last``
+    (None: the precision's choice) changes the memory layout only. ``progress``: ``True`` shows a
+    tqdm bar in an interactive session and prints one line per run otherwise (``KDLIB_PROGRESS``
+    = ``bar`` | ``line`` | ``none`` overrides); ``False`` prints nothing.
     """
 
     device: str | None = None  # None: cuda when available, else cpu
-    channels_last: bool = True
-    amp: bool | None = None  # None: on for cuda, off for cpu
+    precision: str | None = None  # None: $KDLIB_PRECISION, else auto
+    channels_last: bool | None = None
     compile: bool = False
     progress: bool = True
-    on_end: Callable[[nn.Module], None] | None = None  # called with the trained distiller, on every rank
+    on_end: Callable[[nn.Module], None] | None = None  # called with the trained distiller of the run asked for
 
     def resolve_device(self) -> torch.device:
-        if self.device:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """The device to train on; an unavailable one is refused before anything trains."""
+        if not self.device:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise KDLibError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise KDLibError(f"device {self.device!r} asked for, but no CUDA GPU is available here")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise KDLibError(f"device {self.device!r}: only {torch.cuda.device_count()} GPU(s) here")
+        elif device.type != "cpu":
+            raise KDLibError(f"device type {device.type!r} is not supported; use cpu or cuda")
+        return device
+
+    def progress_mode(self) -> str:
+        """``bar``, ``line`` or ``none``: a bar only where a person watches it refresh."""
+        if not self.progress:
+            return "none"
+        mode = os.environ.get("KDLIB_PROGRESS", "auto")
+        if mode not in ("auto", "bar", "line", "none"):
+            raise KDLibError(f"KDLIB_PROGRESS={mode!r}; choose auto, bar, line or none")
+        if mode != "auto":
+            return mode
+        return "bar" if sys.stdout.isatty() else "line"
 
 
 def seed_everything(seed: int) -> None:
@@ -103,15 +143,18 @@ def lr_factor(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
 
 # --- evaluation -----------------------------------------------------------------------------
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader``; the model's train/eval state is restored."""
+def evaluate(model: nn.Module, loader, device: torch.device | None = None, precision: Precision | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader`` (in the run's precision); train/eval state restored."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     try:
         for x, y in loader:
-            logits = model(x)
+            if precision is not None and precision.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision.autocast() if precision is not None else nullcontext():
+                logits = model(x)
             correct += (logits.argmax(1) == y).sum()
             total += y.numel()
     finally:
@@ -119,51 +162,34 @@ def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> fl
     return 100.0 * correct.item() / max(1, total)
 
 
-# --- checkpoints ----------------------------------------------------------------------------
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, expected_hash: str) -> dict:
-    """Load with ``weights_only=True``; a corrupt or foreign file is a clear error."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KDLibError(f"no checkpoint at {path} (the run has not finished an epoch in this cache)") from None
-    except Exception as e:  # torch raises many types for a damaged file
-        raise KDLibError(f"checkpoint {path} is corrupt or not a kdlib checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "config_hash" not in ckpt:
-        raise KDLibError(f"checkpoint {path} is not a kdlib checkpoint")
-    if ckpt["config_hash"] != expected_hash:
-        raise KDLibError(
-            f"checkpoint {path} belongs to another config (hash {ckpt['config_hash']}, expected {expected_hash})"
-        )
-    return ckpt
-
-
-def load_weights(model: nn.Module, path: Path, what: str = "model") -> nn.Module:
-    """Load a state dict saved by the engine into ``model``, with a clear error on mismatch."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KDLibError(f"{what} weights not found at {path}") from None
-    except Exception as e:
-        raise KDLibError(f"{what} weights at {path} are corrupt ({type(e).__name__})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise KDLibError(f"{what} weights at {path} do not match {type(model).__name__}: {first}") from None
-    return model
-
-
 # --- the run ----------------------------------------------------------------------------------
 def run(cfg: RunConfig, *, options: EngineOptions | None = None, root: Path | None = None) -> dict:
-    """Return the record of ``cfg``: cached if complete, else resumed or trained now."""
+    """Return the record of ``cfg``: cached if complete, else resumed or trained now.
+
+    Everything checkable is checked first (options, epochs, device, pairing), so bad input fails
+    in a second, not after the teacher has trained. A second process asking for a run that one
+    is training waits for it, then reuses its record (:func:`kdlib.run_store.run_lock`); under
+    torchrun the ranks train the run together and take no lock.
+    """
     options = options or EngineOptions()
+    validate(cfg)
+    device = options.resolve_device()
+    resolve_precision(device, options.precision)  # an impossible precision fails here too
+    lock = run_lock(cfg, root) if distributed.world()[1] == 1 else nullcontext()
+    with lock:
+        record = _cached(cfg, root)
+        if record is not None:
+            return record
+        teacher = None
+        if cfg.teacher is not None:
+            # The teacher's run is not the one asked for: it gets no on_end.
+            run(cfg.teacher, options=dataclasses.replace(options, on_end=None), root=root)
+            teacher = load_model(cfg.teacher, root=root)
+        return _fit(cfg, teacher, options, root)
+
+
+def _cached(cfg: RunConfig, root: Path | None) -> dict | None:
+    """The complete record of ``cfg``; a diverged one is raised (it would diverge again)."""
     record = find_record(cfg, root)
     if record is not None:
         return record
@@ -175,12 +201,7 @@ def run(cfg: RunConfig, *, options: EngineOptions | None = None, root: Path | No
             "e.g. on other hardware or at another precision)",
             record=diverged,
         )
-    validate(cfg)  # fail in a second, not after the teacher has trained
-    teacher = None
-    if cfg.teacher is not None:
-        run(cfg.teacher, options=options, root=root)  # cached after the first student asks
-        teacher = load_model(cfg.teacher, root=root)
-    return _fit(cfg, teacher, options, root)
+    return None
 
 
 def diverged_record(error: NonFiniteLossError, cfg: RunConfig) -> dict | None:
@@ -191,9 +212,17 @@ def diverged_record(error: NonFiniteLossError, cfg: RunConfig) -> dict | None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Check names, options and the teacher/student pairing by building the distiller once."""
-    if cfg.data.name not in ("shapes", "cifar10", "cifar100"):
-        raise KDLibError(f"unknown dataset {cfg.data.name!r}; choose shapes, cifar10 or cifar100")
+    """Check dataset, schedule, names, options and the teacher/student pairing, building nothing big."""
+    if cfg.data.name not in DATASETS:
+        raise KDLibError(f"unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    for run_cfg in (cfg, cfg.teacher) if cfg.teacher is not None else (cfg,):
+        optim = run_cfg.optim
+        if isinstance(optim.epochs, bool) or not isinstance(optim.epochs, int) or optim.epochs < 1:
+            raise KDLibError(f"epochs must be a whole number >= 1, got {optim.epochs!r}")
+        if not optim.lr > 0:
+            raise KDLibError(f"the learning rate must be > 0, got {optim.lr!r}")
+        if cfg.data.batch_size < 2:
+            raise KDLibError(f"batch_size must be >= 2 (BatchNorm needs two samples), got {cfg.data.batch_size}")
     k = num_classes(cfg)
     student = create_model(cfg.student, num_classes=k)
     teacher = create_model(cfg.teacher.student, num_classes=k) if cfg.teacher is not None else None
@@ -212,14 +241,70 @@ def num_classes(cfg: RunConfig) -> int:
     return {"cifar10": 10, "cifar100": 100}.get(cfg.data.name, cfg.data.num_classes)
 
 
+# --- one fit, in four readable steps: set up, restore, train epochs (checkpointing), finish --------
+@dataclass
+class _Session:
+    """Everything one fit holds: what the four steps below share."""
+
+    cfg: RunConfig
+    key: str
+    folder: Path
+    device: torch.device
+    precision: Precision
+    main_process: bool
+    bundle: object
+    distiller: nn.Module
+    forward: Callable | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    steps_per_epoch: int
+    start_epoch: int = 0
+    elapsed: float = 0.0
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
 def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root: Path | None) -> dict:
+    s = _setup(cfg, teacher, options, root)
+    _restore(s)
+    mode = options.progress_mode() if s.main_process else "none"
+    bar = tqdm(range(s.start_epoch, cfg.optim.epochs), total=cfg.optim.epochs, initial=s.start_epoch,
+               desc=f"{cfg.method} {cfg.student}", disable=mode != "bar", file=sys.stdout, ncols=100,
+               mininterval=2.0)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        try:
+            row = train_epoch(s.distiller, s.bundle.train, s.optimizer, s.scheduler, epoch, s.steps_per_epoch,
+                              s.precision, forward=s.forward, scaler=s.scaler)
+            distributed.sync_buffers(s.distiller)  # every rank ends the epoch with rank 0's BN statistics
+            s.distiller.on_epoch_end(epoch, row["losses"])
+        except NonFiniteLossError as e:
+            bar.close()
+            raise _diverged(s, epoch, e) from None
+        row["test_acc"] = evaluate(s.distiller.student, s.bundle.test, s.device, s.precision)
+        row["time_s"] = time.perf_counter() - t0
+        s.elapsed += row["time_s"]
+        s.history.append(row)
+        bar.set_postfix(loss=f"{sum(row['losses'].values()):.3f}", test=f"{row['test_acc']:.1f}")
+        _save_checkpoint(s, epoch)
+    bar.close()
+    record = _finish(s, options)
+    if mode == "line":
+        print(f"trained {record['name']}: top-1 {record['top1_last']:.2f} % (last epoch) in {s.elapsed:.0f} s, "
+              f"{record['precision']}")
+    return record
+
+
+def _setup(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root: Path | None) -> _Session:
+    """Device and process group, data, distiller, optimiser and schedule of a fresh fit."""
     device = distributed.device_for_rank(options.resolve_device())
     is_distributed = distributed.setup(device)
     rank, world_size = distributed.world()
-    main_process = rank == 0
+    precision = resolve_precision(device, options.precision)
+    channels_last = precision.channels_last if options.channels_last is None else options.channels_last
+    precision = dataclasses.replace(precision, channels_last=channels_last)
     folder = run_dir(cfg, root)
     folder.mkdir(parents=True, exist_ok=True)
-    key = config_hash(cfg)
     seed_everything(cfg.seed)
 
     bundle = get_loaders(cfg.data, device=device, seed=cfg.seed)
@@ -229,7 +314,7 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
     if teacher is not None:
         teacher = teacher.to(device)
     distiller = create_distiller(cfg.method, student, teacher, **dict(cfg.method_options)).to(device)
-    if options.channels_last:
+    if channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
     if options.compile:  # in place (nn.Module.compile): parameter names and forward hooks stay as they are
         distiller.student.compile()
@@ -242,125 +327,110 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         # DDP hooks average the gradients of student and extras across ranks during backward;
         # find_unused_parameters: LAKD's curriculum leaves unreleased modules without gradients.
         forward = torch.nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
-    use_amp = (device.type == "cuda") if options.amp is None else (options.amp and device.type == "cuda")
-    params = distiller.learnable_parameters()
-    optimizer = make_optimizer(params, cfg.optim)
+    scaler = precision.grad_scaler()
+    if scaler is not None and distiller.custom_backward:
+        raise KDLibError(f"method {cfg.method!r} runs its own backward (memory_saving): not with fp16 loss scaling")
+    optimizer = make_optimizer(distiller.learnable_parameters(), cfg.optim)
     steps_per_epoch = len(bundle.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg.optim, s, steps_per_epoch)
-    )
-
-    history: list[dict] = []
-    start_epoch, elapsed = 0, 0.0
-    ckpt_path = folder / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, key)
-        distiller.load_trainable_state_dict(ckpt["distiller"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        random.setstate(_as_random_state(ckpt["rng"]["python"]))
-        start_epoch, history, elapsed = ckpt["epoch"], ckpt["history"], ckpt["elapsed_s"]
-
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(cfg.optim, i, steps_per_epoch))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(
-        range(start_epoch, cfg.optim.epochs),
-        total=cfg.optim.epochs,
-        initial=start_epoch,
-        desc=f"{cfg.method} {cfg.student}",
-        disable=not (options.progress and main_process),
-        file=sys.stdout,
-        dynamic_ncols=False,
-        ncols=100,
-        mininterval=2.0,
-    )
-    for epoch in bar:
-        t0 = time.perf_counter()
-        try:
-            row = train_epoch(distiller, bundle.train, optimizer, scheduler, epoch, steps_per_epoch, use_amp,
-                              options, forward=forward)
-            distributed.sync_buffers(distiller)  # every rank ends the epoch with rank 0's BN statistics
-            distiller.on_epoch_end(epoch, row["losses"])
-        except NonFiniteLossError as e:
-            bar.close()
-            raise _diverged(cfg, key, folder, epoch, history, elapsed, device, use_amp, options, e,
-                           main_process) from None
-        row["test_acc"] = evaluate(distiller.student, bundle.test, device)
-        row["time_s"] = time.perf_counter() - t0
-        elapsed += row["time_s"]
-        history.append(row)
-        bar.set_postfix(loss=f"{sum(row['losses'].values()):.3f}", test=f"{row['test_acc']:.1f}")
-        if main_process:
-            save_atomic(
-                {
-                    "config_hash": key,
-                    "epoch": epoch + 1,
-                    "distiller": distiller.trainable_state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "python": random.getstate(),
-                    },
-                    "history": history,
-                    "elapsed_s": elapsed,
-                },
-                ckpt_path,
-            )
-    bar.close()
+    return _Session(cfg, config_hash(cfg), folder, device, precision, rank == 0, bundle, distiller, forward,
+                    optimizer, scheduler, scaler, steps_per_epoch)
 
-    accs = [h["test_acc"] for h in history]
+
+def _restore(s: _Session) -> None:
+    """Resume from the run's last checkpoint, if there is one: weights, optimiser, schedule, RNGs."""
+    path = s.folder / CHECKPOINT
+    if not path.exists():
+        return
+    ckpt = load_checkpoint(path, s.key)
+    s.distiller.load_trainable_state_dict(ckpt["distiller"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scheduler.load_state_dict(ckpt["scheduler"])
+    if s.scaler is not None and ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if s.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
+    random.setstate(_as_random_state(ckpt["rng"]["python"]))
+    s.start_epoch, s.history, s.elapsed = ckpt["epoch"], ckpt["history"], ckpt["elapsed_s"]
+
+
+def _save_checkpoint(s: _Session, epoch: int) -> None:
+    """The state after ``epoch`` (rank 0 writes it): enough to resume bit for bit."""
+    if not s.main_process:
+        return
+    save_atomic(
+        {
+            "config_hash": s.key,
+            "epoch": epoch + 1,
+            "distiller": s.distiller.trainable_state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
+                "python": random.getstate(),
+            },
+            "history": s.history,
+            "elapsed_s": s.elapsed,
+        },
+        s.folder / CHECKPOINT,
+    )
+
+
+def _finish(s: _Session, options: EngineOptions) -> dict:
+    """Write the final weights and the record (rank 0), call ``on_end``, return the record."""
+    accs = [h["test_acc"] for h in s.history]
     best = max(range(len(accs)), key=accs.__getitem__)
-    record = _record(cfg, key, "complete", device, use_amp, options, history, elapsed)
+    record = _record(s, "complete")
     record.update(top1_last=accs[-1], top1_best=accs[best], best_epoch=best + 1)
     if options.on_end is not None:
-        options.on_end(distiller)
-    if main_process:
-        student_state = {k: v.contiguous() for k, v in distiller.student.state_dict().items()}
-        save_atomic(student_state, folder / WEIGHTS)
+        options.on_end(s.distiller)
+    if s.main_process:
+        student_state = {k: v.contiguous() for k, v in s.distiller.student.state_dict().items()}
+        save_atomic(student_state, s.folder / WEIGHTS)
         # After the weights are saved: on a CPU the measurement runs extra training steps.
-        record["peak_memory"] = _peak_memory(device, distiller, bundle.train)
-        write_json_atomic(folder / RECORD, record)
+        record["peak_memory"] = _peak_memory(s.device, s.distiller, s.bundle.train)
+        write_json_atomic(s.folder / RECORD, record)
     distributed.barrier()  # the other ranks may go on to load what rank 0 just wrote
     return record
 
 
-def _record(cfg: RunConfig, key: str, status: str, device: torch.device, use_amp: bool, options: EngineOptions,
-            history: list[dict], elapsed: float) -> dict:
+def _record(s: _Session, status: str) -> dict:
     """What every record holds, whatever the run's outcome (the caller adds accuracy or the error)."""
+    from kdlib.run_store import identity
+
     return {
-        "name": run_name(cfg),
-        "hash": key,
+        "name": run_name(s.cfg),
+        "hash": s.key,
         "status": status,
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
+        "config": s.cfg.to_dict(),
+        "identity": identity(s.cfg),
+        "seed": s.cfg.seed,
         "versions": versions(),
-        "device": device_description(device),
-        "precision": "bf16-autocast" if use_amp else "fp32",
-        "channels_last": options.channels_last,
+        "device": device_description(s.device),
+        "precision": s.precision.name,
+        "channels_last": s.precision.channels_last,
         "world_size": distributed.world()[1],
-        "history": history,
-        "wall_time_s": elapsed,
+        "history": s.history,
+        "wall_time_s": s.elapsed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _diverged(cfg: RunConfig, key: str, folder: Path, epoch: int, history: list[dict], elapsed: float,
-              device: torch.device, use_amp: bool, options: EngineOptions, error: NonFiniteLossError,
-              main_process: bool) -> NonFiniteLossError:
+def _diverged(s: _Session, epoch: int, error: NonFiniteLossError) -> NonFiniteLossError:
     """Write the ``diverged`` record (the epochs completed and the error) and return the error to raise.
 
     The last checkpoint stays: it holds the state at the end of the last finite epoch.
     """
-    record = _record(cfg, key, "diverged", device, use_amp, options, history, elapsed)
+    record = _record(s, "diverged")
     record.update(top1_last=None, top1_best=None, error=str(error), diverged_epoch=epoch + 1)
-    if main_process:
-        write_json_atomic(folder / RECORD, record)
+    if s.main_process:
+        write_json_atomic(s.folder / RECORD, record)
     distributed.barrier()  # every process stopped at the same step (check_finite agrees across ranks)
     return NonFiniteLossError(f"{error} (epoch {epoch + 1} of run {record['name']})", record=record)
 
@@ -371,11 +441,12 @@ def _as_random_state(state):
     return (version, tuple(internal), gauss)
 
 
-def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch, use_amp, options,
-                forward=None) -> dict:
+def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch, precision: Precision,
+                forward=None, scaler=None) -> dict:
     """One epoch of training; returns the epoch's mean loss terms, train accuracy and lr.
 
-    ``forward``: what computes ``(logits, losses)`` from ``(x, y)`` — the DDP wrapper under
+    ``precision`` gives the autocast and the memory layout; ``scaler`` is fp16's GradScaler (else
+    None). ``forward``: what computes ``(logits, losses)`` from ``(x, y)`` — the DDP wrapper under
     torchrun, else the distiller's own ``forward_train``.
     """
     distiller.train()
@@ -385,12 +456,16 @@ def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch,
     lr = optimizer.param_groups[0]["lr"]
     for i, (x, y) in enumerate(loader):
         step = epoch * steps_per_epoch + i
-        if options.channels_last:
+        if precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits, losses = distiller.train_step(x, y, step=step, forward=forward)
-        optimizer.step()
+        with precision.autocast():
+            logits, losses = distiller.train_step(x, y, step=step, forward=forward, scaler=scaler)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         # Accumulate on the device: no host sync per step beyond the finite check.
         for k, v in losses.items():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import kdlib.distill.afd  # noqa: F401  (registration, until kdlib.distill imports it)
 import kdlib.distill.sakd  # noqa: F401
 from kdlib import KDLibError
-from kdlib.distill.pair_attention import pair_distances
+from kdlib.distill.afd import pair_distances
 from kdlib.distill.registry import create_distiller
 from kdlib.distill.sakd import drop_attention
 

@@ -66,7 +66,7 @@ def test_missing_cifar_names_the_directory(tmp_path):
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path):
     from kdlib.profiles import get_profile
-    from kdlib.results import run_dir
+    from kdlib.run_store import run_dir
 
     cfg = get_profile("smoke").config("vanilla", seed=5)
     folder = run_dir(cfg, tmp_path)

@@ -8,7 +8,8 @@ import pytest
 from kdlib.config import RunConfig
 from kdlib.profiles import get_profile
 from kdlib.report import curve, table
-from kdlib.results import config_hash, fmt_mean_std, markdown_table, mean_std, method_label, summarise
+from kdlib.results import fmt_mean_std, markdown_table, mean_std, method_label, summarise
+from kdlib.run_store import config_hash
 
 
 def fake_record(method="kd", seed=0, last=80.0, best=81.0, options=None, epochs=3):
@@ -87,9 +88,9 @@ def test_curve_pads_a_shorter_diverged_history_with_nan():
 
 def test_stored_runs_reads_committed_records_only(tmp_path, monkeypatch):
     from kdlib import report
-    from kdlib.results import export_record, run_name
+    from kdlib.run_store import export_record, run_name
 
-    monkeypatch.setattr(report, "REPO_RESULTS", tmp_path)
+    monkeypatch.setenv("KDLIB_RESULTS", str(tmp_path))
     monkeypatch.setattr(report, "run", lambda *a, **k: pytest.fail("stored_runs must never train"))
     cfg = get_profile("smoke").config("kd", seed=0, tau=2.0)
     assert report.stored_runs("smoke", "kd", seeds=[0], tau=2.0) == []

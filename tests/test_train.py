@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,13 @@ import torch
 from kdlib import KDLibError
 from kdlib.config import DataConfig, OptimConfig, RunConfig
 from kdlib.distill import Distiller, NonFiniteLossError, register_distiller
-from kdlib.results import config_hash, find_record, run_dir
-from kdlib.train import CHECKPOINT, EngineOptions, load_checkpoint, load_model, lr_factor, run
+from kdlib.distill.options import MethodOptions, option
+from kdlib.run_store import CHECKPOINT, config_hash, find_record, load_checkpoint, run_dir
+from kdlib.train import EngineOptions, load_model, lr_factor, run
 
 TINY_DATA = DataConfig(name="shapes", batch_size=32, train_size=96, test_size=64)
 TINY_OPTIM = OptimConfig(epochs=3, lr=0.05, schedule="cosine", warmup_frac=0.1, nesterov=True)
-QUIET = EngineOptions(device="cpu", progress=False)
+QUIET = EngineOptions(device="cpu", precision="fp32", progress=False)  # tiny nets: fp32 is the faster here
 
 
 def tiny_cfg(method="vanilla", seed=0, **options) -> RunConfig:
@@ -78,9 +80,13 @@ def test_same_seed_same_result_other_seed_differs(tmp_path):
 class _NaNAfterTwoSteps(Distiller):
     needs_teacher = False
 
-    def __init__(self, student, teacher=None, *, after=2):
-        super().__init__(student, None)
-        self.calls, self.after = 0, after
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        after: int = option(2, "steps before the loss turns NaN", low=0)
+
+    def __init__(self, student, teacher=None, **options):
+        super().__init__(student, None, **options)
+        self.calls, self.after = 0, self.options.after
 
     def forward_train(self, x, y):
         self.calls += 1

@@ -4,8 +4,10 @@ Both ``bundle.train`` and ``bundle.test`` iterate over ``(x, y)`` batches (x flo
 B×3×32×32 on the requested device; y long), have ``len()`` (batches per epoch) and
 ``set_epoch(epoch)``. The shuffle and the augmentation of epoch ``e`` are a pure function of
 ``(seed, e)``, so a run resumed at epoch ``e`` sees exactly the batches it would have seen.
-The last, partial batch of an epoch is kept (``drop_last=False``) in both splits: with the small
-``shapes`` training sets every image counts, and the test split must see every image.
+The last, partial batch of an epoch is kept in both splits: with the small ``shapes`` training
+sets every image counts, and the test split must see every image. One exception: a last
+*training* batch of a single image is dropped (BatchNorm cannot normalise one sample, and AFD's and
+SAKD's BatchNorm1d over the batch fails on it); :func:`train_count` says how many images an epoch uses.
 
 ``shapes`` keeps its uint8 images on the device and augments whole batches with tensor ops
 (pad-4 random crop and flip as one gather), far faster than a DataLoader on a CPU and the fast
@@ -32,6 +34,11 @@ SHAPES_MEAN = (0.5, 0.5, 0.5)
 SHAPES_STD = (0.268, 0.268, 0.268)
 PAD = 4  # CRD's crop padding
 DATASETS = ("shapes", "cifar10", "cifar100")
+
+
+def train_count(n: int, batch_size: int) -> int:
+    """Images one training epoch uses: all of them, unless the last batch would hold a single one."""
+    return n - 1 if n > 1 and n % batch_size == 1 else n
 
 
 class TensorBatches:
@@ -64,7 +71,8 @@ class TensorBatches:
         self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        n = train_count(len(self.labels), self.batch_size) if self.train else len(self.labels)
+        return math.ceil(n / self.batch_size)
 
     def _normalise(self, x: Tensor) -> Tensor:
         return x.float().mul_(self._scale).add_(self._shift)
@@ -82,7 +90,7 @@ class TensorBatches:
         offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5
         order, offsets, flips = order.to(device), offsets.to(device), flips.to(device)
-        for lo in range(0, n, self.batch_size):
+        for lo in range(0, train_count(n, self.batch_size), self.batch_size):
             idx = order[lo:lo + self.batch_size]
             if self.world_size > 1:
                 idx = idx[self.rank::self.world_size]
@@ -130,7 +138,8 @@ class LoaderBatches:
         self.dataset.epoch = self.epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
+        n = train_count(len(self.dataset), self.batch_size) if self.train else len(self.dataset)
+        return math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.dataset.epoch = self.epoch
@@ -143,7 +152,8 @@ class LoaderBatches:
             sampler.set_epoch(self.epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=max(1, self.batch_size // self.world_size),
-            shuffle=self.train and sampler is None, sampler=sampler, drop_last=False,
+            shuffle=self.train and sampler is None, sampler=sampler,
+            drop_last=self.train and len(self.dataset) % self.batch_size == 1,  # a last batch of one image
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=generator_for("kdlib.loader", self.seed, self.epoch),
         )

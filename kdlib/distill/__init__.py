@@ -1,4 +1,4 @@
-"""Distillers by name. Each method lives in the module named after it.
+"""Distillers by name. Each method lives in the module named after its registry name.
 
 =================  =============================  ====================================
 name               class                          module
@@ -11,22 +11,24 @@ name               class                          module
 ``afd``            :class:`AFD`                   ``kdlib/distill/afd.py``
 ``lakd``           :class:`LAKD`                  ``kdlib/distill/lakd.py``
 ``sakd``           :class:`SAKD`                  ``kdlib/distill/sakd.py``
-``sam_kd``         :class:`SpatialAttentionKD`    ``kdlib/distill/spatial_attention.py``
+``sam_kd``         :class:`SpatialAttentionKD`    ``kdlib/distill/sam_kd.py``
 =================  =============================  ====================================
 """
 
-from kdlib.distill import afd, aftkd, at, fitnets, kd, lakd, sakd, spatial_attention, vanilla  # noqa: F401  (registration)
+from kdlib.distill import afd, aftkd, at, fitnets, kd, lakd, sakd, sam_kd, vanilla  # noqa: F401  (registration)
 from kdlib.distill.base import (  # noqa: F401
     Distiller,
     IncompatibleModelsError,
     NonFiniteLossError,
     check_finite,
-    kd_loss,
 )
+from kdlib.distill.kd import kd_loss  # noqa: F401
 from kdlib.distill.registry import (  # noqa: F401
     create_distiller,
     distiller_class,
     distiller_options,
     list_distillers,
+    method_version,
     register_distiller,
+    resolve_options,
 )

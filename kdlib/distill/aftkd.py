@@ -51,18 +51,21 @@ saves computation (the "block operations" of the paper) and lets BN see the comp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdlib import KDLibError
-from kdlib.attention import align_spatial, at_map
-from kdlib.distill.base import IncompatibleModelsError, kd_loss
+from kdlib.attention import align_spatial, at_map, map_distance
+from kdlib.distill.base import IncompatibleModelsError
 from kdlib.distill.feature_base import FeatureDistiller, paired_stage_names
+from kdlib.distill.kd import kd_loss
 from kdlib.distill.loss_weighting import WEIGHTINGS, LossWeighting, make_weighting
+from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
+from kdlib.models.base import channel_adapter
 
 AFB_MODES = ("pair", "fused")
 ALIGN_MODES = ("adapter", "channel_pool")
@@ -74,11 +77,6 @@ DEFAULT_LAMBDAS = {"kd": 0.9, "feat": 30.0, "att": 1000.0, "afb": 3.0}
 
 
 # --- the pieces, as plain functions (tests and figures use them directly) ----------------------------
-def adapter(c_s: int, c_t: int) -> nn.Module:
-    """``φ``: 1×1 conv (no bias, BN follows) + BN, student channels to teacher channels."""
-    return nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
-
-
 def channel_block_pool(feat: torch.Tensor, channels: int) -> torch.Tensor:
     """Average ``B×C×H×W`` channels in ``channels`` consecutive groups: ``B×channels×H×W``.
 
@@ -104,7 +102,7 @@ def spatial_gate(feat: torch.Tensor) -> torch.Tensor:
 
 def attention_loss(s_feats, t_feats) -> torch.Tensor:
     """``L_att = Σ_l mean((a(F_s^l) − a(F_t^l))²)``; pairs must already be spatially aligned."""
-    return sum((at_map(fs) - at_map(ft)).pow(2).mean() for fs, ft in zip(s_feats, t_feats, strict=True))
+    return sum(map_distance(fs, ft) for fs, ft in zip(s_feats, t_feats, strict=True))
 
 
 def feature_loss(s_mapped, t_feats) -> torch.Tensor:
@@ -125,51 +123,47 @@ def fused_loss(s_mapped, s_feats, t_feats, t_gates=None) -> torch.Tensor:
     )
 
 
-def _resolve_lambdas(lambdas: Mapping[str, float] | None) -> dict[str, float]:
-    out = dict(DEFAULT_LAMBDAS)
-    if lambdas is not None:
-        unknown = sorted(set(lambdas) - set(out))
-        if unknown:
-            raise KDLibError(f"unknown lambdas {unknown}; AFT-KD scales are {sorted(out)}")
-        out.update({k: float(v) for k, v in lambdas.items()})
-    return out
-
-
 @register_distiller("aftkd")
 class AFTKD(FeatureDistiller):
     """Attention-and-feature transfer, stage by stage, with loss-descent-rate weighting."""
 
-    def __init__(
-        self,
-        student,
-        teacher,
-        *,
-        weighting: str = "adaptive",
-        afb: str = "pair",
-        align: str = "adapter",
-        temperature_w: float = 2.0,
-        lambdas: Mapping[str, float] | None = None,
-        tau: float = 4.0,
-        ema_decay: float = 0.9,
-        ema_window: int = 50,
-        ce_weight: float = 1.0,
-    ):
-        super().__init__(student, teacher)
-        if weighting not in WEIGHTINGS:
-            raise KDLibError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
-        if afb not in AFB_MODES:
-            raise KDLibError(f"unknown afb {afb!r}; choose one of {AFB_MODES}")
-        if align not in ALIGN_MODES:
-            raise KDLibError(f"unknown align {align!r}; choose one of {ALIGN_MODES}")
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        weighting: str = option("adaptive", "how the loss weights w_k are set", choices=WEIGHTINGS)
+        afb: str = option("pair", "compare attention and feature parts apart, or fused", choices=AFB_MODES)
+        align: str = option("adapter", "map student channels (1×1 conv + BN) or pool the teacher's",
+                            choices=ALIGN_MODES)
+        temperature_w: float = option(2.0, "temperature of the descent-rate softmax", low=0, low_open=True)
+        lambdas: dict[str, float] | None = option(DEFAULT_LAMBDAS, "base scales λ_k (a partial dict overrides some)")
+        tau: float = option(4.0, "temperature τ of the logit KD term", low=0, low_open=True)
+        ema_decay: float = option(0.9, "EMA decay of the raw losses (weighting='iteration')", low=0.0, high=1.0,
+                                  high_open=True)
+        ema_window: int = option(50, "steps between weight updates (weighting='iteration')", low=1)
+        ce_weight: float = option(1.0, "weight of the cross-entropy term", low=0)
+
+        def check(self) -> None:
+            # The resolved λ is the complete dict: a changed default scale is a changed run.
+            given = self.lambdas or {}
+            unknown = sorted(set(given) - set(DEFAULT_LAMBDAS))
+            if unknown:
+                raise KDLibError(f"unknown lambdas {unknown}; AFT-KD scales are {sorted(DEFAULT_LAMBDAS)}")
+            if any(v < 0 for v in given.values()):
+                raise KDLibError(f"lambdas must be non-negative, got {given}")
+            object.__setattr__(self, "lambdas", dict(sorted((DEFAULT_LAMBDAS | given).items())))
+
+    def __init__(self, student, teacher, **options):
+        super().__init__(student, teacher, **options)
+        o = self.options
+        weighting, afb, align = o.weighting, o.afb, o.align
         self.afb, self.align = afb, align
-        self.tau, self.ce_weight = float(tau), float(ce_weight)
-        self.lambdas = _resolve_lambdas(lambdas)
+        self.tau, self.ce_weight = o.tau, o.ce_weight
+        self.lambdas = dict(o.lambdas)
         self._setup_taps(*paired_stage_names(student, teacher))
 
         s_ch = [self.s_shapes[n][0] for n in self.s_names]
         t_ch = [self.t_shapes[n][0] for n in self.t_names]
         if align == "adapter":
-            self.extras["adapters"] = nn.ModuleList(adapter(cs, ct) for cs, ct in zip(s_ch, t_ch))
+            self.extras["adapters"] = nn.ModuleList(channel_adapter(cs, ct) for cs, ct in zip(s_ch, t_ch))
         else:
             bad = [(cs, ct) for cs, ct in zip(s_ch, t_ch) if ct < cs]
             if bad:
@@ -179,7 +173,7 @@ class AFTKD(FeatureDistiller):
                 )
         self.loss_names = ("kd", "feat", "att") if afb == "pair" else ("kd", "afb")
         self.extras["weighting"] = make_weighting(
-            weighting, self.loss_names, temperature=temperature_w, decay=ema_decay, window=ema_window
+            weighting, self.loss_names, temperature=o.temperature_w, decay=o.ema_decay, window=o.ema_window
         )
 
     # --- read-outs for the chapter figure ------------------------------------------------------------

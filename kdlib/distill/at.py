@@ -6,28 +6,32 @@ average-pooled to the smaller; ``a`` is :func:`kdlib.attention.at_map`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
-from kdlib.attention import align_spatial, at_map
+from kdlib.attention import map_distance
 from kdlib.distill.feature_base import FeatureDistiller, paired_stage_names
+from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
 
 
 def at_loss(s_feats, t_feats):
     """``Σ_l mean((a(F_s^l) − a(F_t^l))²)`` over paired features."""
-    total = 0.0
-    for fs, ft in zip(s_feats, t_feats, strict=True):
-        fs, ft = align_spatial(fs, ft)
-        total = total + (at_map(fs) - at_map(ft)).pow(2).mean()
-    return total
+    return sum(map_distance(fs, ft) for fs, ft in zip(s_feats, t_feats, strict=True))
 
 
 @register_distiller("at")
 class AT(FeatureDistiller):
-    def __init__(self, student, teacher, *, at_weight: float = 1000.0, ce_weight: float = 1.0):
-        super().__init__(student, teacher)
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        at_weight: float = option(1000.0, "weight β of the AT term (Zagoruyko & Komodakis' code)", low=0)
+        ce_weight: float = option(1.0, "weight of the cross-entropy term", low=0)
+
+    def __init__(self, student, teacher, **options):
+        super().__init__(student, teacher, **options)
         self._setup_taps(*paired_stage_names(student, teacher))
-        self.at_weight, self.ce_weight = at_weight, ce_weight
+        self.at_weight, self.ce_weight = self.options.at_weight, self.options.ce_weight
 
     def forward_train(self, x, y):
         logits, _, s_feats, t_feats = self.forward_both(x)

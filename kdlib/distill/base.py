@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdlib import KDLibError, distributed
+from kdlib.distill.options import MethodOptions, NoOptions
 from kdlib.features import FeatureTap
 
 
@@ -51,15 +51,24 @@ def feature_shapes(
 
 
 class Distiller(nn.Module):
-    """Base class: student + frozen teacher + extra trainable modules."""
+    """Base class: student + frozen teacher + extra trainable modules.
+
+    A subclass declares its options once, as a nested frozen dataclass ``Options``
+    (:mod:`kdlib.distill.options`); ``self.options`` holds the complete, validated set. ``version``
+    is part of every run's identity: bump it when the method's computation changes, so that runs
+    cached with the old computation are not returned for the new one.
+    """
 
     method_name = "base"
     needs_teacher = True
     #: Distillers that run their own backward (LAKD's memory-saving mode) set this to True.
     custom_backward = False
+    Options: type[MethodOptions] = NoOptions
+    version = 1
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, **options):
         super().__init__()
+        self.options = self.Options.resolve(self.method_name, options)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -94,7 +103,11 @@ class Distiller(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of another shape: another architecture or width
+            first = str(e).strip().splitlines()[-1].strip()
+            raise KDLibError(f"checkpoint does not match method {self.method_name!r}: {first}") from None
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
             raise KDLibError(
@@ -110,17 +123,19 @@ class Distiller(nn.Module):
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 0, forward=None):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int = 0, forward=None, scaler=None):
         """Forward, check every term is finite, backward. The engine steps the optimiser.
 
-        ``forward(x, y)`` defaults to :meth:`forward_train` (the engine passes a DDP wrapper).
+        ``forward(x, y)`` defaults to :meth:`forward_train` (the engine passes a DDP wrapper);
+        ``scaler`` is fp16's ``torch.amp.GradScaler`` (the loss is scaled before backward).
         Returns the logits and the detached loss terms.
         """
         logits, losses = (forward or self.forward_train)(x, y)
         # The engine passes a forward only under torchrun (the DDP wrapper): then every process must
         # agree before DDP's gradient all-reduce in backward. A lone step (memory measurement) must not.
         check_finite(losses, step, across_ranks=forward is not None)
-        sum(losses.values()).backward()
+        total = sum(losses.values())
+        (scaler.scale(total) if scaler is not None else total).backward()
         return logits.detach(), {k: v.detach() for k, v in losses.items()}
 
     def on_epoch_end(self, epoch: int, mean_losses: dict[str, float]) -> None:
@@ -143,10 +158,3 @@ def check_finite(losses: dict[str, torch.Tensor], step: int, across_ranks: bool 
             if not math.isfinite(v):
                 raise NonFiniteLossError(f"loss term {name!r} is {v} at step {step}")
         raise NonFiniteLossError(f"a loss term is not finite on another process at step {step}")
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """Hinton KD: ``τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ))``, summed over classes, batch mean."""
-    log_ps = F.log_softmax(student_logits / tau, dim=1)
-    log_pt = F.log_softmax(teacher_logits / tau, dim=1)
-    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau * tau

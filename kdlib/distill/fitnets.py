@@ -7,11 +7,14 @@ conv of kernel ``1+H_s−H_t`` otherwise), then BN and ReLU, and trains with the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import nn
 
 from kdlib.distill.base import IncompatibleModelsError
 from kdlib.distill.feature_base import FeatureDistiller
+from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
 from kdlib.features import stage_names
 
@@ -33,14 +36,19 @@ def hint_regressor(s_shape: tuple[int, int, int], t_shape: tuple[int, int, int])
 
 @register_distiller("fitnets")
 class FitNets(FeatureDistiller):
-    def __init__(self, student, teacher, *, hint_weight: float = 100.0, ce_weight: float = 1.0):
-        super().__init__(student, teacher)
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        hint_weight: float = option(100.0, "weight of the hint MSE (CRD's FitNets)", low=0)
+        ce_weight: float = option(1.0, "weight of the cross-entropy term", low=0)
+
+    def __init__(self, student, teacher, **options):
+        super().__init__(student, teacher, **options)
         s_names, t_names = stage_names(student), stage_names(teacher)
         self._setup_taps([s_names[len(s_names) // 2]], [t_names[len(t_names) // 2]])
         self.extras["regressor"] = hint_regressor(
             self.s_shapes[self.s_names[0]], self.t_shapes[self.t_names[0]]
         )
-        self.hint_weight, self.ce_weight = hint_weight, ce_weight
+        self.hint_weight, self.ce_weight = self.options.hint_weight, self.options.ce_weight
 
     def forward_train(self, x, y):
         logits, _, (fs,), (ft,) = self.forward_both(x)

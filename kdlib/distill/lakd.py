@@ -47,20 +47,24 @@ Options:
   so its stage maps stay alive until their module's backward. What this saves depends on how the
   activations are spread: in a CIFAR ResNet stage 0 runs at full resolution and holds more than
   half of them, and a single backward has freed the deeper modules' graphs by the time it reaches
-  module 0, so the saving is the deeper modules' share (measure it: :mod:`kdlib.memory`).
+  module 0, so the saving is the deeper modules' share (measure it: :mod:`kdlib.distill.lakd_memory`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdlib import KDLibError
-from kdlib.attention import align_spatial, ndam_map
+from kdlib.attention import align_spatial, map_distance, ndam_map
 from kdlib.distill.base import Distiller, IncompatibleModelsError, check_finite, feature_shapes
+from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
 from kdlib.features import FeatureTap, stage_names
+from kdlib.models.base import channel_adapter
 
 NDAM_MODES = ("loss", "weights", "both")
 
@@ -68,8 +72,7 @@ NDAM_MODES = ("loss", "weights", "both")
 # --- losses (public so the chapter can show them and the tests can pin them) --------------------
 def ndam_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     """``mean((m(F_S) − m(F_T))²)`` after pooling the larger map to the smaller one's size."""
-    fs, ft = align_spatial(fs, ft)
-    return (ndam_map(fs) - ndam_map(ft)).pow(2).mean()
+    return map_distance(fs, ft, ndam_map)
 
 
 def ndam_weights(ft: torch.Tensor) -> torch.Tensor:
@@ -103,9 +106,7 @@ def local_feature_loss(fs: torch.Tensor, ft: torch.Tensor, ndam_weighted: bool =
 
 def channel_projection(c_student: int, c_teacher: int) -> nn.Module:
     """φ_k: 1×1 conv + BN when the channel counts differ, identity otherwise."""
-    if c_student == c_teacher:
-        return nn.Identity()
-    return nn.Sequential(nn.Conv2d(c_student, c_teacher, 1, bias=False), nn.BatchNorm2d(c_teacher))
+    return nn.Identity() if c_student == c_teacher else channel_adapter(c_student, c_teacher)
 
 
 def _refresh_epoch_mirror(module: LAKD, _incompatible_keys) -> None:
@@ -117,21 +118,23 @@ def _refresh_epoch_mirror(module: LAKD, _incompatible_keys) -> None:
 class LAKD(Distiller):
     """Local modules with truncated gradients, layer-wise feature loss and NDAM (module docstring)."""
 
-    def __init__(
-        self,
-        student,
-        teacher,
-        *,
-        alpha: float = 0.5,
-        beta: float = 30.0,
-        att_weight: float = 1000.0,
-        truncate: bool = True,
-        ndam: str = "loss",
-        curriculum: int = 0,
-        memory_saving: bool = False,
-    ):
-        super().__init__(student, teacher)
-        self._check_options(alpha, ndam, curriculum, truncate, memory_saving)
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        alpha: float = option(0.5, "share of the local feature loss against the attention loss", low=0.0, high=1.0)
+        beta: float = option(30.0, "weight β of each module's distillation loss", low=0)
+        att_weight: float = option(1000.0, "scale of the NDAM attention loss", low=0)
+        truncate: bool = option(True, "stop gradients between local modules")
+        ndam: str = option("loss", "how NDAM enters: as a loss, as position weights, or both", choices=NDAM_MODES)
+        curriculum: int = option(0, "epochs between the release of consecutive modules (0: all at once)", low=0)
+        memory_saving: bool = option(False, "backward module by module (needs truncate=True)")
+
+        def check(self) -> None:
+            if self.memory_saving and not self.truncate:
+                raise KDLibError("LAKD memory_saving=True needs truncate=True (otherwise one graph spans all modules)")
+
+    def __init__(self, student, teacher, **options):
+        super().__init__(student, teacher, **options)
+        o = self.options
         for attr in ("stem", "stages", "head"):
             if not hasattr(student, attr):
                 raise IncompatibleModelsError(
@@ -151,28 +154,15 @@ class LAKD(Distiller):
             channel_projection(s_shapes[s][0], t_shapes[t][0])
             for s, t in zip(s_names, self.t_names, strict=True)
         )
-        self.alpha, self.beta, self.att_weight = alpha, beta, att_weight
-        self.truncate, self.ndam, self.curriculum = truncate, ndam, curriculum
-        self.memory_saving = memory_saving
-        self.custom_backward = memory_saving
+        self.alpha, self.beta, self.att_weight = o.alpha, o.beta, o.att_weight
+        self.truncate, self.ndam, self.curriculum = o.truncate, o.ndam, o.curriculum
+        self.memory_saving = o.memory_saving
+        self.custom_backward = o.memory_saving
         # Finished epochs: a buffer so checkpoints carry it, mirrored in a Python int so that asking
         # which modules are released never waits on the GPU.
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
         self._epochs_done = 0
         self.register_load_state_dict_post_hook(_refresh_epoch_mirror)
-
-    @staticmethod
-    def _check_options(alpha, ndam, curriculum, truncate, memory_saving) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise KDLibError(f"LAKD alpha must lie in [0, 1], got {alpha}")
-        if ndam not in NDAM_MODES:
-            raise KDLibError(f"LAKD ndam must be one of {NDAM_MODES}, got {ndam!r}")
-        if int(curriculum) != curriculum or curriculum < 0:
-            raise KDLibError(f"LAKD curriculum must be a whole number of epochs >= 0, got {curriculum}")
-        if memory_saving and not truncate:
-            raise KDLibError(
-                "LAKD memory_saving=True needs truncate=True (otherwise one graph spans all modules)"
-            )
 
     # --- local modules ---------------------------------------------------------------------------
     @property
@@ -254,10 +244,10 @@ class LAKD(Distiller):
             losses.update(terms)
         return logits, self._ordered(losses)
 
-    def train_step(self, x, y, step: int = 0, forward=None):
+    def train_step(self, x, y, step: int = 0, forward=None, scaler=None):
         """Memory-saving mode: backward module by module; otherwise the base class's single backward."""
         if not self.memory_saving:
-            return super().train_step(x, y, step, forward=forward)
+            return super().train_step(x, y, step, forward=forward, scaler=scaler)
         t_feats = self.teacher_features(x)
         losses, h = {}, x
         for k in range(self.num_modules):

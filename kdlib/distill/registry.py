@@ -1,8 +1,11 @@
-"""Distillers by name, timm-style: ``create_distiller("kd", student, teacher, tau=4)``."""
+"""Distillers by name, timm-style: ``create_distiller("kd", student, teacher, tau=4)``.
+
+Each distiller declares its options once, as its nested ``Options`` dataclass
+(:mod:`kdlib.distill.options`); :func:`resolve_options` validates a run's options from it before
+anything is built, and returns the complete set a run is identified by.
+"""
 
 from __future__ import annotations
-
-import inspect
 
 from kdlib import KDLibError
 
@@ -14,7 +17,7 @@ def register_distiller(name: str):
 
     def wrap(cls):
         if name in _DISTILLERS:
-            raise ValueError(f"distiller {name!r} registered twice")
+            raise KDLibError(f"distiller {name!r} is registered already ({_DISTILLERS[name].__qualname__})")
         cls.method_name = name
         _DISTILLERS[name] = cls
         return cls
@@ -33,25 +36,24 @@ def distiller_class(name: str) -> type:
         raise KDLibError(f"unknown method {name!r}; available: {', '.join(list_distillers())}") from None
 
 
+def resolve_options(name: str, given: dict | None = None) -> dict[str, object]:
+    """Every option of method ``name``: the ``given`` ones validated, the others at their defaults."""
+    return distiller_class(name).Options.resolve(name, given).to_dict()
+
+
 def distiller_options(name: str) -> dict[str, object]:
-    """The keyword options of a method with their defaults (everything after student, teacher)."""
-    sig = inspect.signature(distiller_class(name).__init__)
-    return {
-        k: p.default
-        for k, p in sig.parameters.items()
-        if k not in ("self", "student", "teacher") and p.kind is p.KEYWORD_ONLY
-    }
+    """The options of a method with their defaults."""
+    return resolve_options(name)
+
+
+def method_version(name: str) -> int:
+    """The version of a method's computation (part of a run's identity)."""
+    return int(distiller_class(name).version)
 
 
 def create_distiller(name: str, student, teacher=None, **options):
     """Build the distiller ``name`` around ``student`` (and ``teacher``) with method options."""
     cls = distiller_class(name)
-    known = distiller_options(name)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise KDLibError(
-            f"unknown option(s) {unknown} for method {name!r}; options are {sorted(known)}"
-        )
     if cls.needs_teacher and teacher is None:
         raise KDLibError(f"method {name!r} needs a teacher")
     return cls(student, teacher, **options)

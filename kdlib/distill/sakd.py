@@ -34,11 +34,14 @@ generator. With ``p = 0`` (or in eval mode) ``α̃ = α`` and SAKD is exactly re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from kdlib import KDLibError
-from kdlib.distill.pair_attention import PairAttentionDistiller
+from kdlib.distill.afd import PairAttentionDistiller, PairOptions
+from kdlib.distill.options import option
 from kdlib.distill.registry import register_distiller
 
 DROPOUT_FORMS = ("inverted", "renorm", "dropkey")
@@ -74,40 +77,14 @@ def drop_attention(
 class SAKD(PairAttentionDistiller):
     loss_name = "sakd"
 
-    def __init__(
-        self,
-        student,
-        teacher,
-        *,
-        dropout_form: str = "inverted",
-        p: float = 0.1,
-        pair_keys: bool = True,
-        positional: bool = True,
-        taps: str = "blocks",
-        beta: float = 200.0,
-        tau: float = 4.0,
-        kd_weight: float = 0.9,
-        ce_weight: float = 1.0,
-        dim: int = 128,
-    ):
-        if dropout_form not in DROPOUT_FORMS:
-            raise KDLibError(f"unknown dropout_form {dropout_form!r}; choose one of {DROPOUT_FORMS}")
-        if not 0.0 <= p < 1.0:
-            raise KDLibError(f"dropout rate p must lie in [0, 1), got {p!r}")
-        super().__init__(
-            student,
-            teacher,
-            queries="student",
-            taps=taps,
-            pair_keys=pair_keys,
-            positional=positional,
-            dim=dim,
-            beta=beta,
-            tau=tau,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-        )
-        self.dropout_form, self.p = dropout_form, float(p)
+    @dataclass(frozen=True)
+    class Options(PairOptions):
+        dropout_form: str = option("inverted", "how attention entries are dropped", choices=DROPOUT_FORMS)
+        p: float = option(0.1, "dropout rate of the attention entries", low=0.0, high=1.0, high_open=True)
+
+    def __init__(self, student, teacher, **options):
+        super().__init__(student, teacher, **options)
+        self.dropout_form, self.p = self.options.dropout_form, self.options.p
 
     def sparsify(
         self, logits: torch.Tensor, sample: bool, generator: torch.Generator | None = None

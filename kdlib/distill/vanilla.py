@@ -12,8 +12,8 @@ from kdlib.distill.registry import register_distiller
 class Vanilla(Distiller):
     needs_teacher = False
 
-    def __init__(self, student, teacher=None):
-        super().__init__(student, None)  # a teacher, if given, is ignored: vanilla never uses one
+    def __init__(self, student, teacher=None, **options):
+        super().__init__(student, None, **options)  # a teacher, if given, is ignored: vanilla never uses one
 
     def forward_train(self, x, y):
         logits = self.student(x)

@@ -58,3 +58,20 @@ class StagedNet(nn.Module):
     def last_stage_name(self) -> str:
         """The default Grad-CAM++ target layer."""
         return self.stage_names[-1]
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+    """A bias-free conv ('same' padding) followed by BN: the unit every residual branch is made of."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)
+    )
+
+
+def channel_adapter(c_in: int, c_out: int) -> nn.Sequential:
+    """1×1 conv (no bias: BN follows) + BN from ``c_in`` to ``c_out`` channels.
+
+    The one channel adapter of the book: ResNet shortcuts (with a stride), AFT-KD's ``φ_l``,
+    SAM-KD's ``g_l`` and LAKD's ``φ_k`` map a student feature to the teacher's channel count with it.
+    """
+    return conv_bn(c_in, c_out, 1)
+

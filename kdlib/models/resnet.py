@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdlib import KDLibError
-from kdlib.models.base import ClassifierHead, StagedNet
+from kdlib.models.base import ClassifierHead, StagedNet, conv_bn
 from kdlib.models.registry import register_model
 
 
@@ -39,13 +39,6 @@ def repdistiller_init(model: nn.Module, linear: str = "default") -> None:
                 nn.init.normal_(m.weight, 0.0, 0.01)
             if linear in ("small_normal", "zero_bias"):
                 nn.init.zeros_(m.bias)
-
-
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
-    """A bias-free conv ('same' padding) followed by BN: the unit every residual branch is made of."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)
-    )
 
 
 def shortcut(cin: int, cout: int, stride: int) -> nn.Module:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdlib.models.base import ClassifierHead, StagedNet
+from kdlib.models.base import ClassifierHead, StagedNet, conv_bn
 from kdlib.models.registry import register_model
-from kdlib.models.resnet import conv_bn, repdistiller_init, shortcut
+from kdlib.models.resnet import repdistiller_init, shortcut
 
 EXPANSION = 4
 

@@ -12,7 +12,7 @@ from conftest import tiny_net
 from kdlib import KDLibError
 from kdlib.attention import channel_marginal
 from kdlib.distill.registry import create_distiller, distiller_options
-from kdlib.distill.spatial_attention import (
+from kdlib.distill.sam_kd import (
     DISTRIBUTION_AXIS,
     SpatialAttentionKD,
     distribution,

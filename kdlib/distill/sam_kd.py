@@ -49,6 +49,7 @@ changes afterwards. A float fixes β from the start (also stored in the buffer).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +62,12 @@ from kdlib.attention import (
     position_channel_distribution,
     spatial_distribution,
 )
-from kdlib.distill.base import IncompatibleModelsError, kd_loss
+from kdlib.distill.base import IncompatibleModelsError
 from kdlib.distill.feature_base import FeatureDistiller, paired_stage_names
+from kdlib.distill.kd import kd_loss
+from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
+from kdlib.models.base import channel_adapter
 
 #: The distributions the loss can compare, and the axis of a ``B×…`` tensor each one sums to 1 along.
 DISTRIBUTION_AXIS = {"marginal": 1, "channelwise": 2, "position": 1}
@@ -136,11 +140,6 @@ def sam_loss(s_feats, t_feats, tau: float = 4.0, kind: str = "marginal") -> torc
     return tau * tau * total
 
 
-def channel_adapter(c_in: int, c_out: int) -> nn.Module:
-    """``g_l``: the paper's "small convolutional layer" — 1×1 conv + BN to the teacher's channels."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-
-
 def _select_stages(student, teacher, stages: str) -> tuple[list[str], list[str]]:
     """All paired stage outputs (deepest backwards), or only the middle pair of them."""
     if stages not in STAGES:
@@ -180,26 +179,23 @@ class SpatialAttentionKD(FeatureDistiller):
     ``beta`` "auto" or a float; ``tau``; ``kd_weight``. The chosen β is :attr:`beta_value`.
     """
 
-    def __init__(
-        self,
-        student,
-        teacher,
-        *,
-        distribution: str = "marginal",
-        stages: str = "all",
-        feat_mse: float = 0.0,
-        beta: str | float = "auto",
-        tau: float = 4.0,
-        kd_weight: float = 0.9,
-    ):
-        super().__init__(student, teacher)
-        _check_distribution(distribution)
-        if tau <= 0:
-            raise KDLibError(f"tau must be positive, got {tau}")
-        if feat_mse < 0:
-            raise KDLibError(f"feat_mse must be non-negative, got {feat_mse}")
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        distribution: str = option("marginal", "which spatial distribution the maps compare",
+                                   choices=tuple(DISTRIBUTION_AXIS))
+        stages: str = option("all", "every paired stage output or only the middle pair", choices=STAGES)
+        feat_mse: float = option(0.0, "weight of an extra feature MSE (0: off)", low=0)
+        beta: str | float = option("auto", "weight β of L_SAM; 'auto': CE/L_SAM on the first batch",
+                                   choices=("auto",), low=0)
+        tau: float = option(4.0, "temperature τ of the maps and of the logit KD term", low=0, low_open=True)
+        kd_weight: float = option(0.9, "weight of the logit KD term", low=0)
+
+    def __init__(self, student, teacher, **options):
+        super().__init__(student, teacher, **options)
+        o = self.options
+        distribution, stages, beta = o.distribution, o.stages, o.beta
         self.distribution, self.stages = distribution, stages
-        self.tau, self.kd_weight, self.feat_mse = float(tau), float(kd_weight), float(feat_mse)
+        self.tau, self.kd_weight, self.feat_mse = o.tau, o.kd_weight, o.feat_mse
         self._setup_taps(*_select_stages(student, teacher, stages))
         self.extras["adapters"] = nn.ModuleList(
             channel_adapter(self.s_shapes[s][0], self.t_shapes[t][0])
