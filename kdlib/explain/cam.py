@@ -208,5 +208,3 @@ def attention_maps(
             for n in names:
                 chunks[n].append(to_image_size(energy_map(feats[n].float()), size).cpu())
     return {n: torch.cat(c) for n, c in chunks.items()}
-
-

@@ -131,6 +131,41 @@ def plot_explanations(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
+    images, labels, masks = _check_figure_inputs(models, images, labels, masks)
+    rgb = to_rgb01(images, denormalize)
+    results = _explain_each(models, images, method, stages)
+    n_stage_cols = max(len(r["att"]) for r in results.values())
+    n_rows, n_cols = len(images) * len(models), 2 + n_stage_cols
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols + 1.0, 1.7 * n_rows),
+                             squeeze=False, layout="constrained")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for i in range(len(images)):
+        img = rgb[i].permute(1, 2, 0).numpy()
+        for j, (name, res) in enumerate(results.items()):
+            row = axes[i * len(models) + j]
+            if j == 0:
+                row[0].imshow(img)
+                if masks is not None:
+                    row[0].contour(masks[i].float().numpy(), levels=[0.5], colors="white", linewidths=1)
+                row[0].set_title(f"input: {_class_name(classes, int(labels[i]))}", **_TITLE_KW)
+            else:
+                row[0].axis("off")
+            _draw_model_row(row, name, res, i, rgb[i], int(labels[i]), n_stage_cols, classes, cmap)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), ax=axes.ravel().tolist(), shrink=0.5,
+                 label="min–max scaled map")
+    fig.suptitle(f"Attention maps (mean$_c$ F²) and {CAM_LABELS[method]} (last stage)", fontsize=9)
+    if save is not None:
+        fig.savefig(save, dpi=120)
+    return fig
+
+
+_TITLE_KW = {"fontsize": 8}
+
+
+def _check_figure_inputs(models: Mapping[str, nn.Module], images, labels, masks):
+    """``(images, labels, masks)`` as tensors, checked against each other; ``KDLibError`` if not."""
     if not models:
         raise KDLibError("models is empty")
     images = _check_images(images)
@@ -141,11 +176,11 @@ def plot_explanations(
         masks = _as_masks(masks)
         if masks.shape[0] != len(images) or masks.shape[1:] != images.shape[-2:]:
             raise KDLibError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
-    rgb = to_rgb01(images, denormalize)
+    return images, labels, masks
 
-    def class_name(i: int) -> str:
-        return classes[i] if classes is not None else str(i)
 
+def _explain_each(models: Mapping[str, nn.Module], images: torch.Tensor, method: str, stages: bool) -> dict:
+    """``{name: {"pred", "cam", "att"}}``: what each model's rows of the figure show."""
     results = {}
     for name, model in models.items():
         results[name] = {
@@ -153,39 +188,23 @@ def plot_explanations(
             "cam": cam_maps(model, images, method=method),
             "att": attention_maps(model, images) if stages else {},
         }
-    n_stage_cols = max(len(r["att"]) for r in results.values())
-    n_rows, n_cols = len(images) * len(models), 2 + n_stage_cols
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols + 1.0, 1.7 * n_rows),
-                             squeeze=False, layout="constrained")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    title_kw = {"fontsize": 8}
-    for i in range(len(images)):
-        img = rgb[i].permute(1, 2, 0).numpy()
-        for j, (name, res) in enumerate(results.items()):
-            row = axes[i * len(models) + j]
-            if j == 0:
-                row[0].imshow(img)
-                if masks is not None:
-                    row[0].contour(masks[i].float().numpy(), levels=[0.5], colors="white", linewidths=1)
-                row[0].set_title(f"input: {class_name(int(labels[i]))}", **title_kw)
-            else:
-                row[0].axis("off")
-            for s, (stage, maps) in enumerate(res["att"].items()):
-                row[1 + s].imshow(maps[i].numpy(), cmap=cmap, vmin=0, vmax=1)
-                row[1 + s].set_title(f"{name}: {stage}", **title_kw)
-            for s in range(len(res["att"]), n_stage_cols):
-                row[1 + s].axis("off")
-            pred = int(res["pred"][i])
-            row[-1].imshow(overlay(rgb[i], res["cam"][i]))
-            colour = "green" if pred == int(labels[i]) else "red"
-            row[-1].set_title(f"{name}: {class_name(pred)}", color=colour, **title_kw)
-            row[1 if n_stage_cols else -1].set_ylabel(name, fontsize=8)
-    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), ax=axes.ravel().tolist(), shrink=0.5,
-                 label="min–max scaled map")
-    fig.suptitle(f"Attention maps (mean$_c$ F²) and {CAM_LABELS[method]} (last stage)", fontsize=9)
-    if save is not None:
-        fig.savefig(save, dpi=120)
-    return fig
+    return results
 
+
+def _class_name(classes: Sequence[str] | None, i: int) -> str:
+    return classes[i] if classes is not None else str(i)
+
+
+def _draw_model_row(row, name: str, res: dict, i: int, rgb_i: torch.Tensor, label: int, n_stage_cols: int,
+                    classes: Sequence[str] | None, cmap: str) -> None:
+    """One model's row for image ``i``: its stage maps, then its CAM overlay titled with its prediction."""
+    for s, (stage, maps) in enumerate(res["att"].items()):
+        row[1 + s].imshow(maps[i].numpy(), cmap=cmap, vmin=0, vmax=1)
+        row[1 + s].set_title(f"{name}: {stage}", **_TITLE_KW)
+    for s in range(len(res["att"]), n_stage_cols):
+        row[1 + s].axis("off")
+    pred = int(res["pred"][i])
+    row[-1].imshow(overlay(rgb_i, res["cam"][i]))
+    colour = "green" if pred == label else "red"
+    row[-1].set_title(f"{name}: {_class_name(classes, pred)}", color=colour, **_TITLE_KW)
+    row[1 if n_stage_cols else -1].set_ylabel(name, fontsize=8)

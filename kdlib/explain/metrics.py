@@ -194,32 +194,48 @@ def where_models_look(
             raise KDLibError("some batches carry masks and others do not")
         maps: dict[str, dict[str, torch.Tensor]] = {}
         for n, model in models.items():
-            pred = predictions(model, x, batch_size)
-            target = y if cam_target == "label" else pred
-            last = _last_stage(model)
-            maps[n] = {
-                "cam": cam_maps(model, x, last, targets=target, method=method, batch_size=batch_size),
-                "att": attention_maps(model, x, [last], batch_size)[last],
-            }
-            per_image = {"top1": (pred == y.cpu()).float()}
-            if m is not None:
-                mk = _as_masks(m, maps[n]["cam"])
-                per_image["chance"] = chance_level(mk)
-                for kind in ("cam", "att"):
-                    per_image[f"{kind}_energy"] = energy_in_mask(maps[n][kind], mk)
-                    per_image[f"{kind}_pointing"] = pointing_game(maps[n][kind], mk)
+            maps[n], per_image = _look_at_batch(model, x, y, m, cam_target, method, batch_size)
             _accumulate(sums[n], per_image)
         if teacher_name is not None:
-            for n in names:
-                if n == teacher_name:
-                    continue
-                for kind in ("cam", "att"):
-                    agree = map_agreement(maps[n][kind], maps[teacher_name][kind], top_k)
-                    _accumulate(sums[n], {f"{kind}_{k}": v for k, v in agree.items()})
+            _accumulate_agreement(sums, maps, teacher_name, top_k)
         count += len(x)
     if count == 0:
         raise KDLibError("the data holds no images")
+    return _rows(names, sums, count, teacher_name)
 
+
+def _look_at_batch(model: nn.Module, x, y, m, cam_target: str, method: str, batch_size: int):
+    """One model on one batch: ``({"cam": maps, "att": maps}, {column: per-image scores})``."""
+    pred = predictions(model, x, batch_size)
+    target = y if cam_target == "label" else pred
+    last = _last_stage(model)
+    maps = {
+        "cam": cam_maps(model, x, last, targets=target, method=method, batch_size=batch_size),
+        "att": attention_maps(model, x, [last], batch_size)[last],
+    }
+    per_image = {"top1": (pred == y.cpu()).float()}
+    if m is not None:
+        mk = _as_masks(m, maps["cam"])
+        per_image["chance"] = chance_level(mk)
+        for kind in ("cam", "att"):
+            per_image[f"{kind}_energy"] = energy_in_mask(maps[kind], mk)
+            per_image[f"{kind}_pointing"] = pointing_game(maps[kind], mk)
+    return maps, per_image
+
+
+def _accumulate_agreement(sums: dict[str, dict[str, float]], maps: dict[str, dict[str, torch.Tensor]],
+                          teacher_name: str, top_k: float) -> None:
+    """Add each student's per-image agreement with the teacher's maps (both kinds) to its sums."""
+    for n in sums:
+        if n == teacher_name:
+            continue
+        for kind in ("cam", "att"):
+            agree = map_agreement(maps[n][kind], maps[teacher_name][kind], top_k)
+            _accumulate(sums[n], {f"{kind}_{k}": v for k, v in agree.items()})
+
+
+def _rows(names: list[str], sums: dict[str, dict[str, float]], count: int, teacher_name: str | None) -> list[dict]:
+    """One row per model: its name, the image count, the teacher flag, then the means of its sums."""
     rows = []
     for n in names:
         row: dict = {"model": n, "images": count}
@@ -233,5 +249,3 @@ def where_models_look(
 def _accumulate(sums: dict[str, float], per_image: dict[str, torch.Tensor]) -> None:
     for k, v in per_image.items():
         sums[k] = sums.get(k, 0.0) + float(v.sum())
-
-
