@@ -1,4 +1,4 @@
-"""Peak memory of one call, measured, and LAKD's memory comparison against end-to-end KD.
+"""Peak memory of one call or of one training step, measured.
 
 What is measured: the peak of the bytes held by tensors during the call, **above what was held
 when it started** (parameters, the batch and anything alive before are not counted; gradients
@@ -15,12 +15,14 @@ Rejected for the CPU: ``tracemalloc`` does not see torch's C++ allocations; proc
 (``ru_maxrss``, or ``VmHWM`` reset through ``/proc/self/clear_refs``) counts pages, not tensors:
 glibc keeps freed memory for reuse and never-written pages are not resident, so one resnet18
 training step measured 90, 28, 0 and 2 MB on four repeats here, and a 40 MB ``torch.empty`` 0 MB.
+
+LAKD's comparison against end-to-end KD, built on :func:`train_step_peak_memory`, lives with LAKD:
+:func:`kdlib.distill.lakd_memory.lakd_memory_comparison`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -29,9 +31,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import kdlib.distill.lakd  # noqa: F401  (registers "lakd")
 from kdlib import KDLibError
-from kdlib.distill.registry import create_distiller
 
 CUDA_METHOD = "cuda: max_memory_allocated after reset_peak_memory_stats, minus memory_allocated at start"
 CPU_METHOD = (
@@ -111,15 +111,6 @@ def _native_stderr_silenced():
         os.close(devnull)
 
 
-# --- LAKD against KD -------------------------------------------------------------------------------
-#: (label, method, mode, options) of each row of :func:`lakd_memory_comparison`.
-COMPARED = (
-    ("LAKD, memory-saving", "lakd", "memory-saving", {"memory_saving": True}),
-    ("LAKD, single backward", "lakd", "single-backward", {"memory_saving": False}),
-    ("KD, end-to-end", "kd", "end-to-end", {}),
-)
-
-
 def train_step_peak_memory(distiller: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1) -> dict:
     """Peak memory of one ``distiller.train_step`` (forward, losses, backward), gradients cleared.
 
@@ -134,45 +125,3 @@ def train_step_peak_memory(distiller: nn.Module, x: torch.Tensor, y: torch.Tenso
     result = measure_peak_memory(lambda: distiller.train_step(x, y), x.device)
     distiller.zero_grad(set_to_none=True)
     return result
-
-
-def lakd_memory_comparison(
-    student: nn.Module,
-    teacher: nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    *,
-    lakd_options: dict | None = None,
-    kd_options: dict | None = None,
-    warmup: int = 1,
-) -> list[dict]:
-    """One training step's peak memory for LAKD (memory-saving), LAKD (single backward) and KD.
-
-    Same pair, same batch; each row's student is a fresh copy of ``student`` (left untouched), on
-    the student's device. Rows: ``label, method, mode, peak_bytes, peak_mib, relative_to_kd,
-    measure, device, batch_size``.
-    """
-    lakd_options = dict(lakd_options or {})
-    if "memory_saving" in lakd_options:
-        raise KDLibError("lakd_memory_comparison sets memory_saving itself; drop it from lakd_options")
-    device = next(student.parameters()).device
-    x, y = (t.to(device) for t in batch)
-    rows = []
-    for label, method, mode, options in COMPARED:
-        opts = {**lakd_options, **options} if method == "lakd" else dict(kd_options or {})
-        distiller = create_distiller(method, copy.deepcopy(student), teacher, **opts).to(device)
-        measured = train_step_peak_memory(distiller, x, y, warmup)
-        rows.append({
-            "label": label,
-            "method": method,
-            "mode": mode,
-            "peak_bytes": measured["bytes"],
-            "peak_mib": measured["bytes"] / MIB,
-            "measure": measured["method"],
-            "device": measured["device"],
-            "batch_size": int(x.shape[0]),
-        })
-        del distiller
-    kd_bytes = rows[-1]["peak_bytes"]
-    for row in rows:
-        row["relative_to_kd"] = row["peak_bytes"] / kd_bytes if kd_bytes else float("nan")
-    return rows

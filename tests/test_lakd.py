@@ -13,9 +13,10 @@ from torch import nn
 from kdlib import KDLibError
 from kdlib.distill.base import IncompatibleModelsError
 from kdlib.distill.lakd import LAKD, local_feature_loss, ndam_loss, ndam_weights
+from kdlib.distill.lakd_memory import lakd_memory_comparison
 from kdlib.distill.registry import create_distiller
 from kdlib.features import extract_features
-from kdlib.memory import lakd_memory_comparison, measure_peak_memory
+from kdlib.memory import measure_peak_memory
 from kdlib.models.base import ClassifierHead, StagedNet
 
 
