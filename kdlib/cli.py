@@ -1,7 +1,9 @@
 """Command line: ``kdlib train | bench | report`` (``python -m kdlib`` works too).
 
-Every error kdlib raises on purpose (unknown model or method, incompatible pair, corrupt or
-mismatched checkpoint, missing dataset, NaN loss) is printed as one line on stderr, exit code 2.
+Every error kdlib raises on purpose (unknown or ill-typed option, unknown model or method,
+incompatible pair, epochs < 1, unavailable device, corrupt or mismatched checkpoint, missing
+dataset, NaN loss) and every malformed argument is printed as one line on stderr, exit code 2,
+before any training starts where it can be known then.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _config_from_args(args):
     if args.dataset and args.dataset != cfg.data.name:
         data = dataclasses.replace(cfg.data, name=args.dataset)
         cfg = cfg.replace(data=data, teacher=cfg.teacher.replace(data=data) if cfg.teacher else None)
-    if args.epochs:
+    if args.epochs is not None:  # 0 and negative counts are refused by the engine's validation, not ignored
         cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, epochs=args.epochs))
     if args.data_root or args.download:
         data = dataclasses.replace(cfg.data, root=args.data_root or cfg.data.root, download=args.download)
@@ -45,10 +47,13 @@ def _config_from_args(args):
 
 def cmd_train(args) -> int:
     from kdlib.run_store import export_record, results_root, run_dir
-    from kdlib.train import EngineOptions, run
+    from kdlib.train import EngineOptions, run, validate
 
     cfg = _config_from_args(args)
-    record = run(cfg, options=EngineOptions(device=args.device, progress=not args.quiet))
+    options = EngineOptions(device=args.device, precision=args.precision, progress=not args.quiet)
+    validate(cfg)  # everything that can be checked, before the teacher trains or a folder is made
+    options.resolve_device()
+    record = run(cfg, options=options)
     print(f"top-1 last {record['top1_last']:.2f} %, best {record['top1_best']:.2f} % (epoch {record['best_epoch']})")
     print(f"record: {run_dir(cfg) / 'record.json'}")
     if args.export:
@@ -76,9 +81,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with kdlib's error form: one line on stderr, exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"kdlib: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdlib", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="kdlib", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one run (cached: a finished run is returned, an interrupted one resumed)")
     t.add_argument("--method", default="kd")
@@ -90,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="override the profile's epoch count")
     t.add_argument("--option", "-o", action="append", help="method option key=value (repeatable)")
     t.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="arithmetic (default: $KDLIB_PRECISION or auto, see kdlib.precision)")
     t.add_argument("--data-root", help="dataset folder (CIFAR)")
     t.add_argument("--download", action="store_true", help="download CIFAR if missing")
     t.add_argument("--export", nargs="?", const="results", help="copy the record into results/<profile>/ or DIR")

@@ -17,7 +17,6 @@ Records, folders, checkpoints and the run lock live in :mod:`kdlib.run_store`; t
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import sys
@@ -32,12 +31,14 @@ from torch import nn
 from tqdm import tqdm
 
 from kdlib import KDLibError, distributed
-from kdlib.config import OptimConfig, RunConfig
+from kdlib.config import RunConfig
 from kdlib.data import get_loaders
 from kdlib.data.loaders import DATASETS
 from kdlib.distill import create_distiller
 from kdlib.distill.base import NonFiniteLossError
+from kdlib.epoch import evaluate, train_epoch
 from kdlib.models import create_model
+from kdlib.optim import lr_factor, make_optimizer
 from kdlib.precision import Precision, resolve_precision
 from kdlib.run_store import (
     CHECKPOINT,
@@ -110,56 +111,6 @@ class EngineOptions:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-# --- optimisation ---------------------------------------------------------------------------
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
-    """SGD; with ``no_decay_bn_bias`` the 1-D parameters (BN, biases) get no weight decay."""
-    if cfg.no_decay_bn_bias:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": params}]
-    return torch.optim.SGD(
-        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-    )
-
-
-def lr_factor(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at iteration ``step`` (schedules are per iteration)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "multistep":
-        epoch = step / steps_per_epoch
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    if cfg.schedule == "cosine":
-        warm = int(round(cfg.warmup_frac * total))
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise KDLibError(f"unknown schedule {cfg.schedule!r}; choose 'multistep' or 'cosine'")
-
-
-# --- evaluation -----------------------------------------------------------------------------
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device | None = None, precision: Precision | None = None) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader`` (in the run's precision); train/eval state restored."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    total = 0
-    try:
-        for x, y in loader:
-            if precision is not None and precision.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with precision.autocast() if precision is not None else nullcontext():
-                logits = model(x)
-            correct += (logits.argmax(1) == y).sum()
-            total += y.numel()
-    finally:
-        model.train(was_training)
-    return 100.0 * correct.item() / max(1, total)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -346,6 +297,11 @@ def _restore(s: _Session) -> None:
     if not path.exists():
         return
     ckpt = load_checkpoint(path, s.key)
+    written = ckpt.get("precision", s.precision.name)
+    if written != s.precision.name:  # half a run in one arithmetic and half in another is no run at all
+        short = {"fp32": "fp32", "bf16-autocast": "bf16", "fp16-autocast": "fp16"}.get(written, written)
+        raise KDLibError(f"checkpoint {path} was written at {written}, this run uses {s.precision.name}: resume "
+                         f"with precision='{short}' (KDLIB_PRECISION={short}), or delete {s.folder} to start over")
     s.distiller.load_trainable_state_dict(ckpt["distiller"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.scheduler.load_state_dict(ckpt["scheduler"])
@@ -365,6 +321,7 @@ def _save_checkpoint(s: _Session, epoch: int) -> None:
     save_atomic(
         {
             "config_hash": s.key,
+            "precision": s.precision.name,
             "epoch": epoch + 1,
             "distiller": s.distiller.trainable_state_dict(),
             "optimizer": s.optimizer.state_dict(),
@@ -439,53 +396,6 @@ def _as_random_state(state):
     # JSON-like containers come back as lists; random.setstate wants tuples.
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
-
-
-def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch, precision: Precision,
-                forward=None, scaler=None) -> dict:
-    """One epoch of training; returns the epoch's mean loss terms, train accuracy and lr.
-
-    ``precision`` gives the autocast and the memory layout; ``scaler`` is fp16's GradScaler (else
-    None). ``forward``: what computes ``(logits, losses)`` from ``(x, y)`` — the DDP wrapper under
-    torchrun, else the distiller's own ``forward_train``.
-    """
-    distiller.train()
-    loader.set_epoch(epoch)
-    sums: dict[str, torch.Tensor] = {}
-    correct, seen = None, 0
-    lr = optimizer.param_groups[0]["lr"]
-    for i, (x, y) in enumerate(loader):
-        step = epoch * steps_per_epoch + i
-        if precision.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits, losses = distiller.train_step(x, y, step=step, forward=forward, scaler=scaler)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        # Accumulate on the device: no host sync per step beyond the finite check.
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.float() * y.numel()
-        hit = (logits.argmax(1) == y).sum()
-        correct = hit if correct is None else correct + hit
-        seen += y.numel()
-    if seen == 0:
-        raise KDLibError("the training loader yielded no batches")
-    # One sync per epoch: sum the loss totals, hits and sample counts of every rank.
-    names = list(sums)
-    totals = torch.stack([sums[k] for k in names] + [correct.float(), torch.tensor(float(seen), device=correct.device)])
-    totals = distributed.sum_across_ranks(totals).tolist()
-    seen_all = totals[-1]
-    return {
-        "epoch": epoch + 1,
-        "lr": lr,
-        "losses": {k: v / seen_all for k, v in zip(names, totals[:-2], strict=True)},
-        "train_acc": 100.0 * totals[-2] / seen_all,
-    }
 
 
 def _peak_memory(device: torch.device, distiller, loader) -> dict:

@@ -141,24 +141,47 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(folder / CHECKPOINT, config_hash(cfg))
 
 
+def _same(a, b) -> bool:
+    """Exactly equal, through the dicts and lists of a state (AFT-KD's weighting keeps its history)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
 def _final_state(folder: Path) -> dict:
     return torch.load(folder / "student.pt", weights_only=True)
 
 
+# The stateful methods: AFT-KD's loss weights (an epoch-level state), SAKD's dropout draws (the RNG),
+# LAKD's curriculum (epochs done, a buffer) — each must resume exactly where it stopped.
+RESUMED = {
+    "kd": {},
+    "aftkd": {},
+    "sakd": {"p": 0.3},
+    "lakd": {"curriculum": 2},
+}
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_weights_and_metrics(tmp_path):
+@pytest.mark.parametrize("method", list(RESUMED))
+def test_sigkill_then_resume_gives_the_same_weights_and_metrics(tmp_path, method):
     """Kill a training subprocess mid-run, resume it, compare with an uninterrupted run."""
     # Same thread count as this process (conftest: 1): CPU float reductions depend on it.
     script = (
         "import sys, torch; from pathlib import Path; sys.path.insert(0, sys.argv[2]); torch.set_num_threads(1);"
-        "from test_train import long_cfg, EngineOptions, run;"
-        "run(long_cfg(), options=EngineOptions(device='cpu', progress=False), root=Path(sys.argv[1]))"
+        "from test_train import long_cfg, QUIET, run;"
+        "run(long_cfg(sys.argv[3]), options=QUIET, root=Path(sys.argv[1]))"
     )
-    cfg = long_cfg()
+    cfg = long_cfg(method)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(killed), str(Path(__file__).parent)], env=env)
+    run(cfg.teacher, options=QUIET, root=killed)  # the teacher first: the kill must land in the student's run
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed), str(Path(__file__).parent), method], env=env)
     ckpt = run_dir(cfg, killed) / CHECKPOINT
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -169,17 +192,35 @@ def test_sigkill_then_resume_gives_the_same_weights_and_metrics(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir(cfg, killed) / "record.json").exists()
+    assert 2 <= torch.load(ckpt, weights_only=True)["epoch"] < cfg.optim.epochs
 
     resumed = run(cfg, options=QUIET, root=killed)
     straight = run(cfg, options=QUIET, root=tmp_path / "straight")
     a, b = _final_state(run_dir(cfg, killed)), _final_state(run_dir(cfg, tmp_path / "straight"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The method's own state too (AFT-KD's weights, LAKD's epochs_done, adapters, attention heads).
+    sa = torch.load(run_dir(cfg, killed) / CHECKPOINT, weights_only=True)["distiller"]
+    sb = torch.load(run_dir(cfg, tmp_path / "straight") / CHECKPOINT, weights_only=True)["distiller"]
+    assert _same(sa, sb)
     strip = lambda r: [{k: v for k, v in h.items() if k != "time_s"} for h in r["history"]]  # noqa: E731
     assert strip(resumed) == strip(straight)
     assert resumed["top1_last"] == straight["top1_last"]
     json.dumps(resumed)  # the record is plain JSON
 
 
-def long_cfg() -> RunConfig:
-    cfg = tiny_cfg("kd")
+def test_resuming_at_another_precision_is_refused(tmp_path):
+    cfg = tiny_cfg()
+    short = cfg.replace(optim=TINY_OPTIM.__class__(epochs=1))
+    run(short, options=QUIET, root=tmp_path)
+    # Pretend the 3-epoch run was interrupted after epoch 1, at fp32 (the checkpoint of the 1-epoch run).
+    ckpt = torch.load(run_dir(short, tmp_path) / CHECKPOINT, weights_only=True)
+    ckpt["config_hash"] = config_hash(cfg)
+    run_dir(cfg, tmp_path).mkdir(parents=True)
+    torch.save(ckpt, run_dir(cfg, tmp_path) / CHECKPOINT)
+    with pytest.raises(KDLibError, match=r"written at fp32.*resume with precision='fp32'"):
+        run(cfg, options=EngineOptions(device="cpu", precision="bf16", progress=False), root=tmp_path)
+
+
+def long_cfg(method: str = "kd") -> RunConfig:
+    cfg = tiny_cfg(method, **RESUMED[method])
     return cfg.replace(optim=cfg.optim.__class__(**{**cfg.optim.__dict__, "epochs": 6}))
