@@ -12,11 +12,12 @@ from kdlib.precision import Precision
 
 
 def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch, precision: Precision,
-                forward=None, scaler=None) -> dict:
+                forward=None, scaler=None, ema=None) -> dict:
     """One epoch of training; returns the epoch's mean loss terms, train accuracy and lr.
 
     ``precision`` gives the autocast and the memory layout; ``scaler`` is fp16's GradScaler (else
-    None). ``forward``: what computes ``(logits, losses)`` from ``(x, y)`` — the DDP wrapper under
+    None); ``ema`` a ``torch.optim.swa_utils.AveragedModel`` of the student, updated after every step.
+    ``forward``: what computes ``(logits, losses)`` from ``(x, y)`` — the DDP wrapper under
     torchrun, else the distiller's own ``forward_train``.
     """
     distiller.train()
@@ -37,6 +38,8 @@ def train_epoch(distiller, loader, optimizer, scheduler, epoch, steps_per_epoch,
         else:
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(distiller.student)
         # Accumulate on the device: no host sync per step beyond the finite check.
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.float() * y.numel()

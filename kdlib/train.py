@@ -17,6 +17,7 @@ Records, folders, checkpoints and the run lock live in :mod:`kdlib.run_store`; t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -209,6 +210,7 @@ class _Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    ema: torch.optim.swa_utils.AveragedModel | None  # the scored weights when cfg.optim.ema_decay > 0
     steps_per_epoch: int
     start_epoch: int = 0
     elapsed: float = 0.0
@@ -226,17 +228,18 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         t0 = time.perf_counter()
         try:
             row = train_epoch(s.distiller, s.bundle.train, s.optimizer, s.scheduler, epoch, s.steps_per_epoch,
-                              s.precision, forward=s.forward, scaler=s.scaler)
+                              s.precision, forward=s.forward, scaler=s.scaler, ema=s.ema)
             distributed.sync_buffers(s.distiller)  # every rank ends the epoch with rank 0's BN statistics
             s.distiller.on_epoch_end(epoch, row["losses"])
         except NonFiniteLossError as e:
             bar.close()
             raise _diverged(s, epoch, e) from None
-        row["test_acc"] = evaluate(s.distiller.student, s.bundle.test, s.device, s.precision)
+        if (epoch + 1) % cfg.optim.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+            row.update(_score(s))
         row["time_s"] = time.perf_counter() - t0
         s.elapsed += row["time_s"]
         s.history.append(row)
-        bar.set_postfix(loss=f"{sum(row['losses'].values()):.3f}", test=f"{row['test_acc']:.1f}")
+        bar.set_postfix(loss=f"{sum(row['losses'].values()):.3f}", test=f"{row.get('test_acc', math.nan):.1f}")
         _save_checkpoint(s, epoch)
     bar.close()
     record = _finish(s, options)
@@ -244,6 +247,30 @@ def _fit(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root
         print(f"trained {record['name']}: top-1 {record['top1_last']:.2f} % (last epoch) in {s.elapsed:.0f} s, "
               f"{record['precision']}")
     return record
+
+
+def _score(s: _Session) -> dict:
+    """Accuracy on the evaluated split: of the weight average when there is one (and of the raw weights)."""
+    if s.ema is None:
+        return {"test_acc": evaluate(s.distiller.student, s.bundle.test, s.device, s.precision)}
+    return {"test_acc": evaluate(s.ema.module, s.bundle.test, s.device, s.precision),
+            "test_acc_raw": evaluate(s.distiller.student, s.bundle.test, s.device, s.precision)}
+
+
+def _weight_average(cfg: RunConfig, student: nn.Module, channels_last: bool):
+    """The EMA of the student's weights and BN buffers, or None (``ema_decay`` 0).
+
+    Built from a fresh copy of the architecture, so the distiller's feature hooks are not copied with it.
+    """
+    if not cfg.optim.ema_decay > 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    copy = create_model(cfg.student, num_classes=num_classes(cfg)).to(next(student.parameters()).device)
+    copy.load_state_dict(student.state_dict())
+    if channels_last:
+        copy = copy.to(memory_format=torch.channels_last)
+    return AveragedModel(copy, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
 
 
 def _setup(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, root: Path | None) -> _Session:
@@ -287,8 +314,9 @@ def _setup(cfg: RunConfig, teacher: nn.Module | None, options: EngineOptions, ro
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         torch.cuda.reset_peak_memory_stats(device)
+    ema = _weight_average(cfg, distiller.student, channels_last)
     return _Session(cfg, config_hash(cfg), folder, device, precision, rank == 0, bundle, distiller, forward,
-                    optimizer, scheduler, scaler, steps_per_epoch)
+                    optimizer, scheduler, scaler, ema, steps_per_epoch)
 
 
 def _restore(s: _Session) -> None:
@@ -307,6 +335,8 @@ def _restore(s: _Session) -> None:
     s.scheduler.load_state_dict(ckpt["scheduler"])
     if s.scaler is not None and ckpt.get("scaler"):
         s.scaler.load_state_dict(ckpt["scaler"])
+    if s.ema is not None:
+        s.ema.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if s.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
@@ -327,6 +357,7 @@ def _save_checkpoint(s: _Session, epoch: int) -> None:
             "optimizer": s.optimizer.state_dict(),
             "scheduler": s.scheduler.state_dict(),
             "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+            "ema": s.ema.state_dict() if s.ema is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
@@ -341,14 +372,17 @@ def _save_checkpoint(s: _Session, epoch: int) -> None:
 
 def _finish(s: _Session, options: EngineOptions) -> dict:
     """Write the final weights and the record (rank 0), call ``on_end``, return the record."""
-    accs = [h["test_acc"] for h in s.history]
-    best = max(range(len(accs)), key=accs.__getitem__)
+    scored = [h for h in s.history if "test_acc" in h]  # every eval_every-th epoch and the last
+    best = max(scored, key=lambda h: h["test_acc"])
     record = _record(s, "complete")
-    record.update(top1_last=accs[-1], top1_best=accs[best], best_epoch=best + 1)
+    record.update(top1_last=scored[-1]["test_acc"], top1_best=best["test_acc"], best_epoch=best["epoch"])
+    if s.ema is not None:
+        record["top1_last_raw"] = scored[-1]["test_acc_raw"]
     if options.on_end is not None:
         options.on_end(s.distiller)
     if s.main_process:
-        student_state = {k: v.contiguous() for k, v in s.distiller.student.state_dict().items()}
+        scored_model = s.ema.module if s.ema is not None else s.distiller.student  # the weights the record scores
+        student_state = {k: v.contiguous() for k, v in scored_model.state_dict().items()}
         save_atomic(student_state, s.folder / WEIGHTS)
         # After the weights are saved: on a CPU the measurement runs extra training steps.
         record["peak_memory"] = _peak_memory(s.device, s.distiller, s.bundle.train)

@@ -282,3 +282,59 @@ def test_a_non_editable_install_writes_nothing_under_site_packages(tmp_path):
     assert list((Path(root) / "smoke").glob("vanilla-*.json")), "the export went somewhere else"
     after = {p for p in target.rglob("*") if "__pycache__" not in p.parts}
     assert after == before, sorted(map(str, after - before))
+
+
+# --- scoring: weight average, evaluation cadence, validation split ---------------------------------
+def _scoring_cfg(**optim):
+    data = DataConfig(name="shapes", batch_size=32, train_size=96, test_size=64)
+    cfg = SMOKE.config("vanilla").replace(data=data)
+    return cfg.replace(optim=dataclasses.replace(cfg.optim, epochs=3, **optim))
+
+
+def test_the_weight_average_is_what_the_record_scores_and_saves(tmp_path):
+    from kdlib.data import get_loaders
+    from kdlib.epoch import evaluate
+    from kdlib.train import load_model
+
+    options = EngineOptions(device="cpu", precision="fp32", progress=False)
+    cfg = _scoring_cfg(ema_decay=0.9)
+    rec = run(cfg, options=options, root=tmp_path)
+    assert all("test_acc_raw" in h for h in rec["history"]) and "top1_last_raw" in rec
+    model = load_model(cfg, root=tmp_path)  # student.pt holds the averaged weights
+    assert evaluate(model, get_loaders(cfg.data, seed=cfg.seed).test) == rec["top1_last"]
+    plain = run(_scoring_cfg(), options=options, root=tmp_path)
+    assert plain["history"][-1]["test_acc"] == rec["top1_last_raw"]  # same training, only the scoring differs
+    assert config_hash(cfg) != config_hash(_scoring_cfg())
+
+
+def test_eval_every_scores_some_epochs_and_always_the_last(tmp_path):
+    rec = run(_scoring_cfg(eval_every=2), options=EngineOptions(device="cpu", precision="fp32", progress=False),
+              root=tmp_path)
+    assert ["test_acc" in h for h in rec["history"]] == [False, True, True]
+    assert rec["best_epoch"] in (2, 3)
+
+
+def test_the_validation_split_is_another_stream_of_images():
+    from kdlib.data import get_loaders
+
+    data = DataConfig(name="shapes", batch_size=32, train_size=32, test_size=32)
+    test = next(iter(get_loaders(data).test))[0]
+    val = next(iter(get_loaders(dataclasses.replace(data, eval_split="val")).test))[0]
+    assert test.shape == val.shape and not torch.equal(test, val)
+    with pytest.raises(KDLibError, match="eval_split must be 'test' or 'val'"):
+        get_loaders(dataclasses.replace(data, eval_split="train"))
+
+
+def test_at_and_fitnets_with_kd_carry_the_logit_terms_of_the_attention_methods(tiny_pair, batch):
+    student, teacher = tiny_pair
+    x, y = batch
+    for name in ("at", "fitnets"):
+        plain = create_distiller(name, student, teacher)
+        with_kd = create_distiller(name, student, teacher, kd_weight=0.9)
+        _, a = plain.forward_train(x, y)
+        _, b = with_kd.forward_train(x, y)
+        assert "kd" not in a and set(b) == set(a) | {"kd"}
+        t_logits = teacher(x)
+        from kdlib.distill.kd import kd_loss
+
+        torch.testing.assert_close(b["kd"], 0.9 * kd_loss(student(x), t_logits, 4.0))

@@ -211,6 +211,8 @@ def get_loaders(cfg: DataConfig, device: str | torch.device = "cpu", seed: int =
         raise KDLibError(f"unknown dataset {cfg.name!r}; choose one of {', '.join(DATASETS)}")
     if cfg.batch_size < 1:
         raise KDLibError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.eval_split not in ("test", "val"):
+        raise KDLibError(f"eval_split must be 'test' or 'val', got {cfg.eval_split!r}")
     device = torch.device(device)
     if cfg.name == "shapes":
         return _shapes_bundle(cfg, device, seed)
@@ -220,7 +222,8 @@ def get_loaders(cfg: DataConfig, device: str | torch.device = "cpu", seed: int =
 def _shapes_bundle(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     common = {"seed": cfg.data_seed, "num_classes": cfg.num_classes, "difficulty": cfg.difficulty}
     train_set = shapes.ShapesDataset(cfg.train_size, split="train", **common).to(device)
-    test_set = shapes.ShapesDataset(cfg.test_size, split="test", **common).to(device)
+    # The evaluated split: the test images, or (calibration) the validation stream, of test_size images.
+    test_set = shapes.ShapesDataset(cfg.test_size, split=cfg.eval_split, **common).to(device)
 
     def batches(ds: shapes.ShapesDataset, train: bool) -> TensorBatches:
         stats = (SHAPES_MEAN, SHAPES_STD)
@@ -234,6 +237,8 @@ def _shapes_bundle(cfg: DataConfig, device: torch.device, seed: int) -> DataBund
 
 
 def _cifar_bundle(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    if cfg.eval_split != "test":
+        raise KDLibError(f"eval_split={cfg.eval_split!r} exists for shapes only; CIFAR runs are scored on its test set")
     _, mean, std = cifar.CIFAR[cfg.name]
     splits = {}
     for train in (True, False):

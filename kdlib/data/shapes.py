@@ -71,7 +71,7 @@ IMAGE_SIZE = 32
 SUPERSAMPLE = 2  # fixed: the 2×2 average in _coverage adds exactly four sub-pixels
 CHUNK_SIZE = 256  # part of the dataset's definition: changing it changes every image
 DATASET_VERSION = 1  # bump when the recipe changes, so old and new images never share a seed stream
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # three independent streams; "val" is for choosing settings
 
 _COLOUR_CANDIDATES = 8  # colour draws per object; the first one with enough contrast is kept
 # Farthest point of any shape from its centre, in radii (the T's corners, √2·0.75), and how far
