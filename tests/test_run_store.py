@@ -338,3 +338,13 @@ def test_at_and_fitnets_with_kd_carry_the_logit_terms_of_the_attention_methods(t
         from kdlib.distill.kd import kd_loss
 
         torch.testing.assert_close(b["kd"], 0.9 * kd_loss(student(x), t_logits, 4.0))
+
+
+def test_a_non_interactive_run_prints_one_line_and_no_bar(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("KDLIB_PROGRESS", raising=False)
+    run(_scoring_cfg(), options=EngineOptions(device="cpu", precision="fp32"), root=tmp_path)
+    out, err = capfd.readouterr()
+    lines = [x for x in out.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trained vanilla-resnet8-s0-") and "top-1" in lines[0], out
+    assert "\r" not in out and "it/s" not in out and "%|" not in out
+    assert err == "", err  # no library warning (the CPU peak-memory measurement runs the profiler)
