@@ -63,10 +63,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from kdlib.bench import run_grid
+    from kdlib.bench import Launch, run_grid
 
+    launch = Launch(executor=args.executor, jobs=args.jobs, partition=args.partition, gpus_per_run=args.gpus_per_run,
+                    cpus_per_run=args.cpus_per_run, time_min=args.time, array_parallelism=args.array_parallelism,
+                    log_dir=args.log_dir)
     run_grid(args.profile, methods=args.methods, seeds=args.seeds, out=args.out, device=args.device,
-             progress=not args.quiet)
+             progress=not args.quiet, launch=launch)
     return 0
 
 
@@ -110,13 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="run a grid of methods × seeds on a profile's pair(s), write results/")
+    b = sub.add_parser("bench", help="run a grid of methods × seeds on a profile's pair(s), write results/",
+                       description="Run a grid; failed runs are listed at the end (exit code 2), the others kept.")
     b.add_argument("--profile")
     b.add_argument("--methods", nargs="+")
     b.add_argument("--seeds", nargs="+", type=int)
     b.add_argument("--out", help="results folder (default results/<profile>)")
     b.add_argument("--device")
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    b.add_argument("--executor", choices=("local", "slurm", "inline"), default="local",
+                   help="local: concurrent processes on this machine (default); slurm: one job array; "
+                        "inline: one run after another in this process (local and slurm need kdlib[cluster])")
+    b.add_argument("--jobs", type=int, help="local: runs at once (default: one per GPU; 1 on a CPU)")
+    b.add_argument("--partition", help="slurm: the partition")
+    b.add_argument("--gpus-per-run", type=int, help="slurm: GPUs of each array task (default 1)")
+    b.add_argument("--cpus-per-run", type=int, help="slurm: CPUs of each array task (default: the partition's)")
+    b.add_argument("--time", type=int, metavar="MIN",
+                   help="wall-time limit of each run in minutes (slurm default 1440; a run that reaches it "
+                        "is requeued and resumes from its checkpoint)")
+    b.add_argument("--array-parallelism", type=int, help="slurm: array tasks running at once (default: all)")
+    b.add_argument("--log-dir", help="submitit's folder for job logs (default <cache>/jobs; on Slurm a shared disk)")
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="print the summary table of a results folder")
