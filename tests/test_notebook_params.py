@@ -24,6 +24,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from kdlib.config import active_profile
 from kdlib.profiles import get_profile
 from kdlib.results import config_hash, run_name
 
@@ -110,3 +111,11 @@ def test_papermill_sets_the_seeds_from_another_directory(tmp_path):
     smoke = get_profile("smoke")
     assert used == {run_name(smoke.teacher_config()), run_name(smoke.config("vanilla", seed=8)),
                     run_name(smoke.config("kd", seed=8))}
+
+
+def test_active_profile_defaults_to_book(monkeypatch):
+    monkeypatch.delenv("KDLIB_PROFILE", raising=False)
+    assert active_profile() == "book"
+    monkeypatch.setenv("KDLIB_PROFILE", "smoke")
+    assert active_profile() == "smoke"
+    assert active_profile("paper") == "paper"  # an explicit profile wins over the environment
