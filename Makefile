@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kdlib-installed
+# cffconvert needs jsonschema<4 and Jupyter Book jsonschema 4: it gets a virtual environment of its own.
+TOOLS  := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: book test install nbval html browser execute clean
+.PHONY: book test install tools nbval html browser execute clean
 
 ## install: create .venv and install kdlib with the pinned versions (skipped when nothing changed)
 install: $(STAMP)
@@ -15,9 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[book,dev]"
 	@touch $@
 
-## test: lint, unit tests, notebooks under nbval (smoke profile), book build (-W), browser check
-test: install
-	$(BIN)/ruff check kdlib tests benchmarks
+## tools: .venv-tools with the pinned cffconvert (see .ci/tools-requirements.txt)
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): .ci/tools-requirements.txt
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --disable-pip-version-check -r .ci/tools-requirements.txt
+	@touch $@
+
+## test: lint (code, workflows, CITATION.cff), unit tests, notebooks under nbval (smoke profile),
+## book build (-W), browser check
+test: install tools
+	$(BIN)/ruff check kdlib tests benchmarks conftest.py
+	$(BIN)/actionlint .github/workflows/*.yml
+	$(TOOLS)/bin/cffconvert --validate -i CITATION.cff
 	$(BIN)/pytest -q tests --ignore=tests/test_browser.py
 	$(MAKE) --no-print-directory nbval html browser
 
@@ -48,4 +62,4 @@ execute: install
 	KDLIB_PROFILE=book $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3 $(NB)
 
 clean:
-	rm -rf _build .pytest_cache .ruff_cache
+	rm -rf _build .pytest_cache .ruff_cache build dist

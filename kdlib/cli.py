@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student")
     t.add_argument("--teacher")
     t.add_argument("--dataset", help="shapes | cifar10 | cifar100 (default: the profile's)")
-    t.add_argument("--profile", help="smoke | book | paper (default: $KDLIB_PROFILE or smoke)")
+    t.add_argument("--profile", help="smoke | book | paper (default: $KDLIB_PROFILE or book)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int, help="override the profile's epoch count")
     t.add_argument("--option", "-o", action="append", help="method option key=value (repeatable)")

@@ -109,8 +109,13 @@ class RunConfig:
 
 
 def active_profile(profile: str | None = None) -> str:
-    """The profile passed in, else ``$KDLIB_PROFILE``, else ``smoke``."""
-    name = profile or os.environ.get("KDLIB_PROFILE", "smoke")
+    """The profile passed in, else ``$KDLIB_PROFILE``, else ``book``.
+
+    ``book`` by default: a reader who opens a chapter (on Colab, say) without setting anything gets the
+    runs the prose is written for. The tests, ``make test`` and a ``pytest`` run from the repository
+    root set ``KDLIB_PROFILE=smoke`` themselves (the two ``conftest.py`` files, the Makefile).
+    """
+    name = profile or os.environ.get("KDLIB_PROFILE", "book")
     if name not in PROFILES:
         raise KDLibError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     return name

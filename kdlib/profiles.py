@@ -116,5 +116,5 @@ PAPER_PAIRS = (
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The named profile, else the one in ``$KDLIB_PROFILE`` (default ``smoke``)."""
+    """The named profile, else the one in ``$KDLIB_PROFILE`` (default ``book``)."""
     return PROFILE_TABLE[active_profile(name)]
