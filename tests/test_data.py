@@ -200,7 +200,7 @@ def test_difficulty_zero_has_no_nuisance():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"split": "val"}, {"num_classes": 11}, {"num_classes": 1}, {"difficulty": -1.0}]
+    "kwargs", [{"split": "holdout"}, {"num_classes": 11}, {"num_classes": 1}, {"difficulty": -1.0}]
 )
 def test_bad_arguments_raise_kdlib_error(kwargs):
     with pytest.raises(KDLibError):

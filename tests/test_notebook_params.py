@@ -26,7 +26,7 @@ from nbclient import NotebookClient
 
 from kdlib.config import active_profile
 from kdlib.profiles import get_profile
-from kdlib.results import config_hash, run_name
+from kdlib.run_store import config_hash, run_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # 01_baselines: its set-up cell only imports and reads the profile (no data, no training).
