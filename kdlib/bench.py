@@ -26,26 +26,32 @@ from pathlib import Path
 
 from kdlib import KDLibError
 from kdlib.distill.base import NonFiniteLossError
+from kdlib.grid import BOOK_GRID
+from kdlib.grid import entry as grid_entry
 from kdlib.profiles import PAPER_PAIRS, get_profile
 from kdlib.results import SUMMARY_COLUMNS, markdown_table, summarise
 from kdlib.run_store import cache_root, config_hash, export_record, find_record, load_records, results_root, run_name
 from kdlib.train import EngineOptions, diverged_record, run
 
-BOOK_METHODS = ("vanilla", "kd", "fitnets", "at", "afd", "sakd", "aftkd", "sam_kd", "lakd")
+BOOK_METHODS = ("vanilla", "kd", "fitnets", "at", "afd", "sakd", "aftkd", "sam_kd", "lakd")  # the registry's methods
 EXECUTORS = ("local", "slurm", "inline")
 INSTALL_HINT = "pip install 'kdlib[cluster]'"
 
 
 def grid(profile_name: str | None, methods=None, seeds=None):
-    """The configs of the grid, in run order (all seeds of a method together)."""
+    """The configs of the grid, in run order (all seeds of an entry together).
+
+    ``methods`` are grid entries (:mod:`kdlib.grid`: ``"AT+KD"``, or a registry name such as ``"at"``);
+    by default the whole book grid, controls included.
+    """
     profile = get_profile(profile_name)
-    methods = list(methods or BOOK_METHODS)
+    entries = [grid_entry(m) for m in methods] if methods else list(BOOK_GRID)
     seeds = list(profile.seeds if seeds is None else seeds)
     pairs = PAPER_PAIRS if profile.name == "paper" else ((profile.teacher, profile.student),)
     return [
-        profile.config(m, teacher=t, student=s, seed=seed)
+        profile.config(e.method, teacher=t, student=s, seed=seed, **e.options)
         for t, s in pairs
-        for m in methods
+        for e in entries
         for seed in seeds
     ]
 

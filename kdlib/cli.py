@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a grid of methods × seeds on a profile's pair(s), write results/",
                        description="Run a grid; failed runs are listed at the end (exit code 2), the others kept.")
     b.add_argument("--profile")
-    b.add_argument("--methods", nargs="+")
+    b.add_argument("--methods", nargs="+", help="grid entries (e.g. KD \"AT+KD\" sakd; default: the whole book grid)")
     b.add_argument("--seeds", nargs="+", type=int)
     b.add_argument("--out", help="results folder (default results/<profile>)")
     b.add_argument("--device")

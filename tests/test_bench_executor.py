@@ -296,3 +296,20 @@ def test_a_run_that_two_pairs_share_is_run_once(tmp_path, monkeypatch):
     report = run_grid("paper", ["vanilla"], [0], out=tmp_path / "out", progress=False)
     students = {s for _, s in bench.PAPER_PAIRS}
     assert len(asked) == len(set(asked)) == len(students) == len(report.outcomes) == 9
+
+
+def test_the_book_grid_pairs_every_method_with_the_reference_of_its_logit_terms():
+    from kdlib.distill import resolve_options
+    from kdlib.grid import BOOK_GRID, comparisons, entry
+
+    assert len(BOOK_GRID) == 11 and len(comparisons()) == 10
+    for e, ref in comparisons():
+        opts = resolve_options(e.method, e.options)
+        has_kd = opts.get("kd_weight", 0) > 0 or e.method in ("kd", "aftkd")
+        # A method with a logit KD term is compared with KD, one without with vanilla (KD itself too).
+        assert ref.label == ("KD" if has_kd and e.method != "kd" else "vanilla"), e.label
+    assert entry("AT+KD").options == {"kd_weight": 0.9} and entry("at").options == {}
+    cfgs = bench.grid("smoke", methods=["AT+KD", "at"], seeds=[0])
+    assert [dict(c.method_options)["kd_weight"] for c in cfgs] == [0.9, 0.0]
+    with pytest.raises(KDLibError, match="no grid entry 'magic'"):
+        entry("magic")

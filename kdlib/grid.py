@@ -1,0 +1,51 @@
+"""What the book's grid compares: each entry a method with the options that make it, and its reference.
+
+A comparison isolates a method's attention term only when the method and its reference carry the
+same logit terms. AFD, SAKD, AFT-KD and SAM-KD add ``0.9·τ²·KL`` (logit KD) to their own term, so they
+are compared with KD; AT and FitNets, which carry no logit term, are compared with vanilla, and
+their "+KD" controls (the same logit term as the attention methods, ``kd_weight=0.9``) with KD.
+LAKD has no logit term: vanilla. KD itself is compared with vanilla.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kdlib import KDLibError
+
+
+@dataclass(frozen=True)
+class Entry:
+    label: str  # the display name in every table and figure
+    method: str
+    options: dict = field(default_factory=dict)
+    reference: str | None = None  # the label of the entry it is compared with
+
+
+BOOK_GRID = (
+    Entry("vanilla", "vanilla"),
+    Entry("KD", "kd", reference="vanilla"),
+    Entry("FitNets", "fitnets", reference="vanilla"),
+    Entry("FitNets+KD", "fitnets", {"kd_weight": 0.9}, reference="KD"),
+    Entry("AT", "at", reference="vanilla"),
+    Entry("AT+KD", "at", {"kd_weight": 0.9}, reference="KD"),
+    Entry("AFD", "afd", reference="KD"),
+    Entry("SAKD", "sakd", reference="KD"),
+    Entry("AFT-KD", "aftkd", reference="KD"),
+    Entry("SAM-KD", "sam_kd", reference="KD"),
+    Entry("LAKD", "lakd", reference="vanilla"),
+)
+
+
+def entry(name: str) -> Entry:
+    """The grid entry with this label (``"AT+KD"``) or, for a plain method, this registry name (``"at"``)."""
+    for e in BOOK_GRID:
+        if name in (e.label, e.label.lower()) or (name == e.method and not e.options):
+            return e
+    raise KDLibError(f"no grid entry {name!r}; entries are {', '.join(e.label for e in BOOK_GRID)}")
+
+
+def comparisons() -> list[tuple[Entry, Entry]]:
+    """``(entry, its reference)`` for every entry that has one, in grid order (10 for the book's grid)."""
+    by_label = {e.label: e for e in BOOK_GRID}
+    return [(e, by_label[e.reference]) for e in BOOK_GRID if e.reference is not None]
