@@ -49,3 +49,41 @@ def comparisons() -> list[tuple[Entry, Entry]]:
     """``(entry, its reference)`` for every entry that has one, in grid order (10 for the book's grid)."""
     by_label = {e.label: e for e in BOOK_GRID}
     return [(e, by_label[e.reference]) for e in BOOK_GRID if e.reference is not None]
+
+
+def entry_of(config: dict) -> Entry | None:
+    """The grid entry a record's config belongs to (its method, and the entry's options at their values), or None.
+
+    An ablation (another value of an option the entry does not name) belongs to no entry: it is not
+    the grid's run.
+    """
+    from kdlib.distill import resolve_options
+
+    method, options = config["method"], dict(config.get("method_options") or {})
+    for e in BOOK_GRID:
+        if e.method == method and resolve_options(method, options) == resolve_options(method, e.options):
+            return e
+    return None
+
+
+def by_entry(records: list[dict], student: str | None = None) -> dict[str, list[dict]]:
+    """Records grouped by grid entry label (teachers and ablations left out), in grid order."""
+    groups: dict[str, list[dict]] = {e.label: [] for e in BOOK_GRID}
+    for r in records:
+        cfg = r["config"]
+        if cfg.get("teacher") is None and cfg["method"] == "vanilla" and student and cfg["student"] != student:
+            continue  # the teacher's own run is a vanilla run of another architecture
+        e = entry_of(cfg)
+        if e is not None and (student is None or cfg["student"] == student):
+            groups[e.label].append(r)
+    return {k: v for k, v in groups.items() if v}
+
+
+def grid_comparisons(records: list[dict], *, key: str = "top1_last", student: str | None = None):
+    """Every grid entry against its reference, paired by seed, Holm-adjusted as one table (:mod:`kdlib.stats`)."""
+    from kdlib.stats import adjust, compare
+
+    groups = by_entry(records, student)
+    out = [compare(groups[e.label], groups[ref.label], key=key, label=f"{e.label} − {ref.label}")
+           for e, ref in comparisons() if e.label in groups and ref.label in groups]
+    return adjust(out)

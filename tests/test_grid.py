@@ -1,0 +1,48 @@
+"""The book grid's comparisons from records: entries found by method and options, paired by seed, Holm."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from kdlib.grid import by_entry, entry_of, grid_comparisons
+from kdlib.profiles import get_profile
+
+SMOKE = get_profile("smoke")
+
+
+def rec(method, seed, acc, **options):
+    cfg = SMOKE.config(method, seed=seed, **options)
+    return {"name": f"{method}-{seed}", "config": cfg.to_dict(), "seed": seed, "status": "complete",
+            "top1_last": acc, "history": []}
+
+
+def test_records_are_grouped_by_entry_and_ablations_left_out():
+    assert entry_of(rec("at", 0, 1.0, kd_weight=0.9)["config"]).label == "AT+KD"
+    assert entry_of(rec("at", 0, 1.0)["config"]).label == "AT"
+    assert entry_of(rec("sakd", 0, 1.0, p=0.3)["config"]) is None  # an ablation is not the grid's run
+    groups = by_entry([rec("kd", 0, 90.0), rec("kd", 1, 91.0), rec("sakd", 0, 1.0, p=0.3)])
+    assert list(groups) == ["KD"] and len(groups["KD"]) == 2
+
+
+def test_grid_comparisons_pair_by_seed_against_the_right_reference_and_adjust_as_one_table():
+    van = [rec("vanilla", s, a) for s, a in enumerate([90.0, 91.0, 89.0, 90.5, 90.0])]
+    kd = [rec("kd", s, a + 2.0 + 0.1 * s) for s, a in enumerate([90.0, 91.0, 89.0, 90.5, 90.0])]
+    atkd = [rec("at", s, k["top1_last"] + (0.3 if s % 2 else -0.3), kd_weight=0.9) for s, k in enumerate(kd)]
+    comps = {c.label: c for c in grid_comparisons(van + kd + atkd)}
+    assert set(comps) == {"KD − vanilla", "AT+KD − KD"}
+    assert comps["KD − vanilla"].mean == pytest.approx(2.2) and comps["KD − vanilla"].verdict == "ahead"
+    assert comps["AT+KD − KD"].verdict == "not resolved with 5 seeds"
+    assert all(c.family == 2 for c in comps.values())
+
+
+def test_reexecution_check_compares_verdict_words():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reexecution_check.py"
+    spec = importlib.util.spec_from_file_location("reexecution_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = {"A": {"verdict": "ahead"}, "B": {"verdict": "not resolved with 5 seeds"}, "C": {"verdict": "behind"}}
+    after = {"A": {"verdict": "ahead"}, "B": {"verdict": "not resolved with 4 seeds"}, "C": {"verdict": "ahead"}}
+    assert mod.held(before, after) == {"A": True, "B": True, "C": False}
