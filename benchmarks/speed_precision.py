@@ -272,22 +272,23 @@ def plot(record: dict, path) -> None:
     names = list(m)
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
+    ticks = [LABELS[n] + (f"\n({record['variants'][n]['precision']})" if n == "policy" else "") for n in names]
     for i, name in enumerate(names):
-        label = LABELS[name] + (f"\n({record['variants'][name]['precision']})" if name == "policy" else "")
-        ax.bar(i, m[name]["images_per_s"], 0.6, color=f"C{i}", label=label)
+        ax.bar(i, m[name]["images_per_s"], 0.6, color=f"C{i}")
         rounds = [r["images_per_s"] for r in m[name]["rounds"]]
         ax.plot([i] * len(rounds), rounds, "k.", ms=5)
         ax.annotate(f"{ratios[name]:.2f}×", (i, m[name]["images_per_s"]), ha="center", va="bottom",
                     xytext=(0, 4), textcoords="offset points")
-    ax.set_xticks(range(len(names)), [LABELS[n] for n in names])
+    ax.set_xticks(range(len(names)), ticks)
     ax.set_ylabel("training images / s (best round; dots: every round)")
     s = record["settings"]
     ax.set_title(f"KD step, {s['teacher']} → {s['student']}, batch {s['batch']}, "
                  f"{record['torch_threads']} threads", fontsize=10)
     ax.margins(y=0.15)
-    ax.legend(fontsize=8, loc="upper left")
+    load = record["load_average"]
     fig.suptitle(f"{record['cpu']['model']} (native bf16: {record['cpu']['native_bf16']}), "
-                 f"torch {record['versions']['torch']}", fontsize=9)
+                 f"torch {record['versions']['torch']}; 1-min load average {load['before'][0]:.1f} before, "
+                 f"{load['after'][0]:.1f} after", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
