@@ -26,7 +26,8 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$REPO/gpu_check_out}
 WHEELS=${KDLIB_WHEELS:-$REPO/.whl}
 CHAPTER=${GPU_CHECK_CHAPTER:-notebooks/01_baselines.ipynb}
-# A rehearsal on a CPU sets these to "--quick --device cpu" and smoke (minutes instead of the device's run).
+# A rehearsal on a CPU sets these to "--quick --device cpu" and smoke (seconds instead of minutes; the
+# install and parity stages then fail, as they must without the wheels and a GPU: tests/test_gpu_check.py).
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---profile}
 PROFILE=${GPU_CHECK_PROFILE:-book}
 # Seconds per stage: 30 + 60 + 180 + 240 + 30 = 540 = 9 minutes at most.
@@ -89,7 +90,12 @@ if [[ ${1:-} == "--dry-run" ]]; then dry_run; exit $?; fi
 # --- the run ---------------------------------------------------------------------------------------
 mkdir -p "$OUT" || exit 1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-SCRATCH=${GPU_CHECK_SCRATCH:-$(mktemp -d "${TMPDIR:-/tmp}/kdlib-gpu-check.XXXXXX")}
+if [[ -n ${GPU_CHECK_SCRATCH:-} ]]; then
+  SCRATCH=$GPU_CHECK_SCRATCH
+else  # the cache, the wheels' site folder and the chapter's copy of the repository; gone at the end
+  SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/kdlib-gpu-check.XXXXXX") || exit 1
+  trap 'rm -rf "$SCRATCH"' EXIT
+fi
 SITE=$SCRATCH/site
 export PYTHONUNBUFFERED=1 KDLIB_CACHE=$SCRATCH/cache MPLBACKEND=Agg
 STAGES=()

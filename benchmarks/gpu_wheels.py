@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=WHEEL_DIR, help="wheel folder (default: .whl in the repository)")
     args = p.parse_args(argv)
     try:
-        pins = read_manifest()
+        pins = read_manifest(MANIFEST)
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         return 0
-    report = check_folder(pins, args.dir, read_device_packages())
+    report = check_folder(pins, args.dir, read_device_packages(DEVICE_PACKAGES))
     if args.action == "files":
         if report.missing or report.broken:
             print(describe(report, pins, args.dir), file=sys.stderr)

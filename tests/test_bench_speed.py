@@ -384,3 +384,16 @@ def test_precision_mode_bad_input_is_a_kdlib_error(argv, message):
 def test_rounds_belong_to_the_precision_mode():
     with pytest.raises(KDLibError, match="--rounds applies to --cpu-precision only"):
         bench.main(["--quick", "--device", "cpu", "--rounds", "2"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quick_run_on_cuda(tmp_path):
+    """The three loops and every distiller on the GPU: bf16 autocast there, memory from CUDA's allocator."""
+    record = bench.main(["--quick", "--device", "cuda", "--pair", "resnet8", "resnet8", "--batch-sizes", "16",
+                         "--samples", "64", "--timed-samples", "32", "--distill-steps", "1",
+                         "--out", str(tmp_path / "s.json"), "--figure", str(tmp_path / "s.png")])
+    assert record["device"].startswith("cuda: ") and record["device_kind"] != "cpu"
+    assert record["settings"]["loops"]["engine"]["precision"] == "bf16-autocast"
+    for method, row in record["measurements"]["distillers"]["16"].items():
+        assert row["peak_memory"]["device"].startswith("cuda") and row["peak_memory"]["bytes"] > 0, method
