@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -88,6 +89,7 @@ def test_unknown_argument_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rehearsal stands in for a GPU on a machine without one")
 def test_rehearsal_on_the_cpu_runs_every_stage(tmp_path):
     """The real run path with CPU stand-ins: the stages run in order, each under its limit, and what
     comes back is under $OUT (at most 8 files) while results/book stays as committed."""
