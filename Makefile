@@ -8,7 +8,7 @@ TOOLS  := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: book test install tools nbval html browser execute clean
+.PHONY: book test install tools nbval html browser execute clean gpu-check gpu-check-dry-run gpu-wheels
 
 ## install: create .venv and install kdlib with the pinned versions (skipped when nothing changed)
 install: $(STAMP)
@@ -61,5 +61,17 @@ NB ?= $(NOTEBOOKS)
 execute: install
 	KDLIB_PROFILE=book $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3 $(NB)
 
+## gpu-check: on the device machine (its python3, no venv): one call of <= 9 minutes, results under $OUT
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+## gpu-check-dry-run: without a GPU: are the wheels, scripts, files and imports the device run needs there?
+gpu-check-dry-run: install
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --dry-run
+
+## gpu-wheels: download the wheels benchmarks/gpu_wheels.txt names into .whl/ (carried to the device)
+gpu-wheels: install
+	$(BIN)/python benchmarks/gpu_wheels.py download
+
 clean:
-	rm -rf _build .pytest_cache .ruff_cache build dist
+	rm -rf _build .pytest_cache .ruff_cache build dist gpu_check_out

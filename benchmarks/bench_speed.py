@@ -28,12 +28,18 @@ the smallest batch measured and the 512-targets to the largest; the record says 
     python benchmarks/bench_speed.py                     # full, on a GPU: results/speed_<device>.json
     python benchmarks/bench_speed.py --profile           # + torch.profiler top-15 ops of the engine step
     python benchmarks/bench_speed.py --quick             # seconds on a CPU; writes to the temp folder
+    python benchmarks/bench_speed.py --cpu-precision     # the book pair on the CPU: fp32 NCHW vs the
+                                                         # precision policy: results/speed_cpu.json
+
+``--cpu-precision`` is the CPU's own benchmark (issue 19): it lives in ``speed_precision.py`` beside
+this file. On a CPU, the three-loop comparison above writes ``results/speed_cpu_loops.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import re
 import sys
@@ -58,6 +64,19 @@ from kdlib.run_store import device_description, versions, write_json_atomic
 from kdlib.train import EngineOptions, lr_factor, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _sibling(name: str):
+    """A module of benchmarks/ (not a package), registered so that its dataclasses resolve."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+speed_precision = _sibling("speed_precision")
 NUM_CLASSES = 100
 METHODS = ("vanilla", "kd", "fitnets", "at", "afd", "sakd", "aftkd", "sam_kd", "lakd")
 ATTENTION_METHODS = ("at", "afd", "sakd", "aftkd", "sam_kd", "lakd")
@@ -504,6 +523,9 @@ def report(record: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU (the test suite's mode)")
+    p.add_argument("--cpu-precision", action="store_true",
+                   help="time the book pair's KD steps on the CPU: fp32 NCHW vs the precision policy")
+    p.add_argument("--rounds", type=int, help="--cpu-precision: interleaved timed rounds (default 3; quick 2)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default 64 512 (quick: 16 32)")
     p.add_argument("--pair", nargs=2, metavar=("TEACHER", "STUDENT"),
@@ -568,7 +590,11 @@ def _pick(value, default):
 
 def output_paths(args: argparse.Namespace, settings: Settings) -> tuple[Path, Path]:
     """(record, figure). Quick runs default to the temp folder: never into results/ or the book."""
-    kind = device_kind(torch.device(settings.device))
+    if isinstance(settings, speed_precision.PrecisionSettings):
+        kind = "cpu"  # the CPU's record: results/speed_cpu.json
+    else:  # on a CPU the three loops take the second name: the CPU's record is the precision one
+        kind = device_kind(torch.device(settings.device))
+        kind = f"{kind}_loops" if kind == "cpu" else kind
     if settings.quick:
         tmp = Path(tempfile.gettempdir())
         defaults = (tmp / f"kdlib_speed_{kind}_quick.json", tmp / f"kdlib_speed_{kind}_quick.png")
@@ -579,14 +605,21 @@ def output_paths(args: argparse.Namespace, settings: Settings) -> tuple[Path, Pa
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    settings = resolve_settings(args)
+    if args.cpu_precision:
+        settings = speed_precision.resolve(args)
+        run, draw, describe = speed_precision.measure, speed_precision.plot, speed_precision.report
+    else:
+        if args.rounds is not None:
+            raise KDLibError("--rounds applies to --cpu-precision only")
+        settings = resolve_settings(args)
+        run, draw, describe = (lambda s: measure(s, profile=args.profile)), plot, report
     out, figure = output_paths(args, settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    record = measure(settings, profile=args.profile)
+    record = run(settings)
     write_json_atomic(out, record)
-    plot(record, figure)
-    print(report(record))
+    draw(record, figure)
+    print(describe(record))
     print(f"\nrecord: {out}\nfigure: {figure}")
     return record
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -230,8 +231,9 @@ def test_quick_defaults_stay_out_of_the_repository():
     assert (settings.batch_sizes, settings.workers, settings.threads) == ((16, 32), 0, 1)
     full = bench.parse_args(["--device", "cpu"])
     out, figure = bench.output_paths(full, bench.resolve_settings(full))
-    assert out == REPO / "results" / "speed_cpu.json"
-    assert figure == REPO / "book" / "_static" / "speed_cpu.png"
+    # On a CPU the three loops take the second name: results/speed_cpu.json is the precision record.
+    assert out == REPO / "results" / "speed_cpu_loops.json"
+    assert figure == REPO / "book" / "_static" / "speed_cpu_loops.png"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -256,3 +258,142 @@ def test_kd_is_always_measured():
     args = bench.parse_args(["--quick", "--device", "cpu", "--methods", "at", "at"])
     settings = bench.resolve_settings(args)
     assert settings.methods == ("kd", "at")
+
+
+# --- the CPU precision mode (--cpu-precision, benchmarks/speed_precision.py) ---------------------
+sp = bench.speed_precision
+PRECISION_ARGS = ["--cpu-precision", "--quick", "--batch-sizes", "4", "--samples", "16", "--timed-samples", "8",
+                  "--rounds", "3", "--warmup", "1"]
+VARIANTS = ("fp32-nchw", "fp32-channels_last", "policy")
+
+
+@pytest.fixture(scope="module")
+def precision_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speed_cpu")
+    out, figure = folder / "speed_cpu.json", folder / "speed_cpu.png"
+    watched = [REPO / "results", REPO / "book" / "_static"]
+    before = [_tree(f) for f in watched]
+    with pytest.MonkeyPatch.context() as mp:  # the bf16 policy on any CPU (emulated where not native)
+        mp.delenv("KDLIB_PRECISION", raising=False)
+        mp.setattr("kdlib.precision.cpu_has_native_bf16", lambda: True)
+        bench.main([*PRECISION_ARGS, "--out", str(out), "--figure", str(figure)])
+    after = [_tree(f) for f in watched]
+    return {"record": json.loads(out.read_text()), "figure": figure, "repo_untouched": before == after}
+
+
+@pytest.mark.slow
+def test_precision_record_times_three_variants_in_rounds(precision_run):
+    record = precision_run["record"]
+    assert precision_run["repo_untouched"], "a quick run wrote into results/ or book/_static/"
+    s = record["settings"]
+    assert (s["teacher"], s["student"], s["batch"], s["timed_steps"], s["rounds"]) == ("resnet8", "resnet8", 4, 2, 3)
+    assert s["num_classes"] == 10 and s["threads"] == 1 == record["torch_threads"]  # the book's 10 classes
+    assert record["variants"] == {
+        "fp32-nchw": {"precision": "fp32", "dtype": None, "channels_last": False},
+        "fp32-channels_last": {"precision": "fp32", "dtype": None, "channels_last": True},
+        "policy": {"precision": "bf16-autocast", "dtype": "torch.bfloat16", "channels_last": True},
+    }
+    assert (record["policy_variant"], record["policy_precision"]) == ("policy", "bf16-autocast")
+    assert record["device"].startswith("cpu") and record["versions"]["torch"] == torch.__version__
+    assert len(record["load_average"]["before"]) == 3 == len(record["load_average"]["after"])
+    for name in VARIANTS:
+        row = record["measurements"][name]
+        assert len(row["rounds"]) == 3, name
+        for r in row["rounds"]:
+            assert (r["steps"], r["samples"]) == (2, 8) and r["seconds"] > 0
+            assert r["images_per_s"] == pytest.approx(r["samples"] / r["seconds"], rel=1e-12)
+        speeds = [r["images_per_s"] for r in row["rounds"]]
+        assert row["images_per_s"] == max(speeds) and row["median_images_per_s"] == sorted(speeds)[1]
+
+
+@pytest.mark.slow
+def test_precision_ratios_and_target_follow_from_the_rounds(precision_run):
+    record = precision_run["record"]
+    m, r = record["measurements"], record["ratios"]
+    base = m["fp32-nchw"]
+    for name in VARIANTS:
+        assert r["over_fp32_nchw"][name] == pytest.approx(m[name]["images_per_s"] / base["images_per_s"])
+        assert r["over_fp32_nchw_median"][name] == pytest.approx(
+            m[name]["median_images_per_s"] / base["median_images_per_s"])
+    per_round = [p["images_per_s"] / b["images_per_s"] for p, b in zip(m["policy"]["rounds"], base["rounds"])]
+    assert r["policy_over_fp32_nchw_per_round"] == pytest.approx(per_round)
+    (target,) = record["targets"]
+    assert target["value"] == r["over_fp32_nchw"]["policy"] and target["threshold"] == 1.8
+    assert target["met"] is (target["value"] >= 1.8)
+    assert sp.report(record).count("] policy >= 1.8x") == 1
+
+
+def test_the_variants_compute_the_same_step(monkeypatch):
+    """Same initial weights and batch: fp32 in either layout gives the same losses, bf16 a nearby CE.
+
+    (The KD term of two random resnet8s is a tiny KL times τ² = 16, too sensitive to bf16 logits to
+    compare; the CE term is not.)"""
+    monkeypatch.setattr("kdlib.precision.cpu_has_native_bf16", lambda: True)
+    monkeypatch.delenv("KDLIB_PRECISION", raising=False)
+    settings = sp.resolve(bench.parse_args(["--cpu-precision", "--quick", "--batch-sizes", "8", "--samples", "8"]))
+    data = sp.random_data(settings)
+    found = sp.variants()
+    first = {name: sp.KDLoop(settings, p).run(sp.batches(data, 1, 8, seed=0)) for name, p in found.items()}
+    (ce, kd), (ce_cl, kd_cl), (ce_bf16, kd_bf16) = (first[name] for name in VARIANTS)
+    assert ce_cl == pytest.approx(ce, rel=1e-5) and kd_cl == pytest.approx(kd, rel=1e-4)
+    assert ce_bf16 == pytest.approx(ce, rel=2e-3) and ce_bf16 != ce and math.isfinite(kd_bf16)
+    assert found["policy"].dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_precision_figure_is_written(precision_run):
+    with Image.open(precision_run["figure"]) as img:
+        assert img.format == "PNG" and img.width > 700 and img.height > 400  # 7 × 4.2 in at 120 dpi
+
+
+def test_policy_is_not_timed_twice_where_it_is_fp32(monkeypatch):
+    monkeypatch.delenv("KDLIB_PRECISION", raising=False)
+    monkeypatch.setattr("kdlib.precision.cpu_has_native_bf16", lambda: False)
+    found = sp.variants()
+    assert list(found) == ["fp32-nchw", "fp32-channels_last"] and sp.policy_key(found) == "fp32-channels_last"
+    monkeypatch.setenv("KDLIB_PRECISION", "bf16")
+    with pytest.warns(UserWarning, match="emulates"):
+        assert list(sp.variants()) == list(VARIANTS)
+
+
+def test_precision_defaults_are_the_book_pair_and_stay_in_place():
+    args = bench.parse_args(["--cpu-precision"])
+    settings = sp.resolve(args)
+    assert (settings.teacher, settings.student, settings.batch, settings.threads) == ("resnet14", "resnet8", 64, 2)
+    assert settings.samples == 4000 and not settings.quick
+    out, figure = bench.output_paths(args, settings)
+    assert out == REPO / "results" / "speed_cpu.json" and figure == REPO / "book" / "_static" / "speed_cpu.png"
+    quick = bench.parse_args(["--cpu-precision", "--quick"])
+    for path in bench.output_paths(quick, sp.resolve(quick)):
+        assert REPO not in path.resolve().parents
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "times the CPU"),
+    (["--batch-sizes", "32", "64"], "one batch size"),
+    (["--methods", "at"], "--methods does not apply"),
+    (["--profile"], "--profile does not apply"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--pair", "resnet8", "nope"], "unknown model 'nope'"),
+])
+def test_precision_mode_bad_input_is_a_kdlib_error(argv, message):
+    with pytest.raises(KDLibError, match=message):
+        sp.resolve(bench.parse_args(["--cpu-precision", *argv]))
+
+
+def test_rounds_belong_to_the_precision_mode():
+    with pytest.raises(KDLibError, match="--rounds applies to --cpu-precision only"):
+        bench.main(["--quick", "--device", "cpu", "--rounds", "2"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quick_run_on_cuda(tmp_path):
+    """The three loops and every distiller on the GPU: bf16 autocast there, memory from CUDA's allocator."""
+    record = bench.main(["--quick", "--device", "cuda", "--pair", "resnet8", "resnet8", "--batch-sizes", "16",
+                         "--samples", "64", "--timed-samples", "32", "--distill-steps", "1",
+                         "--out", str(tmp_path / "s.json"), "--figure", str(tmp_path / "s.png")])
+    assert record["device"].startswith("cuda: ") and record["device_kind"] != "cpu"
+    assert record["settings"]["loops"]["engine"]["precision"] == "bf16-autocast"
+    for method, row in record["measurements"]["distillers"]["16"].items():
+        assert row["peak_memory"]["device"].startswith("cuda") and row["peak_memory"]["bytes"] > 0, method

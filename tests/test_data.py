@@ -276,6 +276,7 @@ def test_augment_batch_matches_torchvision_crop_and_flip():
         assert torch.equal(got, want)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_shapes_gpu_path_matches_cpu():
     cpu, gpu = get_loaders(_cfg()), get_loaders(_cfg(), device="cuda")
