@@ -9,8 +9,8 @@ Three loops train the same pair (resnet32x4 -> resnet8x4, KD) on CIFAR-100-shape
   forward under ``no_grad``; ``0.1·CE + 0.9·KD``; ``loss.item()`` and top-1/top-5 per step;
   ``cudnn.benchmark = True`` (RepDistiller's setting, for this loop only);
 - **engine**: ``kdlib.train.train_epoch`` with ``create_distiller("kd", ...)``, the data as
-  ``TensorBatches`` on the device (augmentation as one gather per batch), channels_last, bf16 autocast
-  on CUDA only: the code a ``kdlib`` run executes;
+  ``TensorBatches`` on the device (augmentation as one gather per batch), channels_last and the
+  precision policy of ``kdlib.precision``: the code a ``kdlib`` run executes;
 - **bound**: teacher forward plus student forward/backward/SGD step on one batch already on the
   device, same precision and layout as the engine, no data and no per-step host sync: no loop that
   computes this can be faster.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import math
 import re
@@ -60,8 +61,9 @@ from kdlib.data import CIFAR100_MEAN, CIFAR100_STD, TensorBatches
 from kdlib.distill import create_distiller, kd_loss, list_distillers
 from kdlib.memory import train_step_peak_memory
 from kdlib.models import create_model, list_models
+from kdlib.precision import Precision, resolve_precision
 from kdlib.run_store import device_description, versions, write_json_atomic
-from kdlib.train import EngineOptions, lr_factor, make_optimizer, train_epoch
+from kdlib.train import lr_factor, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,8 +252,9 @@ def time_reference(settings: Settings, data: tuple[np.ndarray, np.ndarray], batc
 
 
 # --- the engine ------------------------------------------------------------------------------------
-def engine_options(device: torch.device) -> EngineOptions:
-    return EngineOptions(device=str(device), channels_last=True, progress=False)
+def engine_precision(device: torch.device) -> Precision:
+    """The engine's arithmetic on this device: the policy of kdlib.precision, channels_last."""
+    return dataclasses.replace(resolve_precision(device), channels_last=True)
 
 
 def build_engine(settings: Settings, method: str, device: torch.device, steps_per_epoch: int):
@@ -267,20 +270,20 @@ def build_engine(settings: Settings, method: str, device: torch.device, steps_pe
 def time_engine(settings: Settings, method: str, data: tuple[torch.Tensor, torch.Tensor], batch: int,
                 steps: int, device: torch.device, *, memory: bool = False) -> dict:
     """Timed ``train_epoch`` of ``steps`` batches after a warm-up epoch of ``settings.warmup`` batches."""
-    use_amp, options = device.type == "cuda", engine_options(device)
+    precision = engine_precision(device)
     distiller, optimizer, scheduler = build_engine(settings, method, device, steps)
     if settings.warmup:
         warm = train_batches(*data, settings.warmup * batch, batch, settings.seed)
-        train_epoch(distiller, warm, optimizer, scheduler, 0, len(warm), use_amp, options)
+        train_epoch(distiller, warm, optimizer, scheduler, 0, len(warm), precision)
     timed = train_batches(*data, steps * batch, batch, settings.seed)
     synchronize(device)
     start = time.perf_counter()
-    train_epoch(distiller, timed, optimizer, scheduler, 1, len(timed), use_amp, options)
+    train_epoch(distiller, timed, optimizer, scheduler, 1, len(timed), precision)
     synchronize(device)
     result = throughput(steps * batch, steps, time.perf_counter() - start)
     if memory:
         x, y = next(iter(timed))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with precision.autocast():
             result["peak_memory"] = train_step_peak_memory(
                 distiller, x.contiguous(memory_format=torch.channels_last), y, warmup=0)
     return result
@@ -290,14 +293,14 @@ def profile_engine(settings: Settings, data, batch: int, device: torch.device) -
     """torch.profiler's top-15 operators of KD engine steps (by self device time on CUDA, else self CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    use_amp, options = device.type == "cuda", engine_options(device)
+    precision = engine_precision(device)
     distiller, optimizer, scheduler = build_engine(settings, "kd", device, settings.profile_steps)
     warm = train_batches(*data, max(1, settings.warmup) * batch, batch, settings.seed)
-    train_epoch(distiller, warm, optimizer, scheduler, 0, len(warm), use_amp, options)
+    train_epoch(distiller, warm, optimizer, scheduler, 0, len(warm), precision)
     timed = train_batches(*data, settings.profile_steps * batch, batch, settings.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        train_epoch(distiller, timed, optimizer, scheduler, 1, len(timed), use_amp, options)
+        train_epoch(distiller, timed, optimizer, scheduler, 1, len(timed), precision)
         synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     header = f"KD engine, batch {batch}, {settings.profile_steps} steps, sorted by {key}\n"
@@ -307,7 +310,7 @@ def profile_engine(settings: Settings, data, batch: int, device: torch.device) -
 # --- the model-only bound --------------------------------------------------------------------------
 def time_bound(settings: Settings, data, batch: int, device: torch.device) -> dict:
     """Teacher forward + student forward/backward/step on one resident batch, no host sync per step."""
-    use_amp = device.type == "cuda"
+    precision = engine_precision(device)
     teacher, student = fresh_pair(settings)
     teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     student = student.to(device, memory_format=torch.channels_last).train()
@@ -317,7 +320,7 @@ def time_bound(settings: Settings, data, batch: int, device: torch.device) -> di
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with precision.autocast():
             with torch.no_grad():
                 t_logits = teacher(x)
             loss = reference_kd_loss(student(x), t_logits, y)
@@ -430,12 +433,12 @@ def measure(settings: Settings, profile: bool = False) -> dict:
 def loop_settings(settings: Settings, device: torch.device) -> dict:
     """How each loop runs (precision, layout, data path), written next to the numbers."""
     cuda = device.type == "cuda"
-    engine_precision = "bf16-autocast" if cuda else "fp32"
+    engine_arithmetic = engine_precision(device).name
     return {
         "reference": {"precision": "fp32", "channels_last": False, "cudnn_benchmark": cuda,
                       "data": f"DataLoader(shuffle, num_workers={settings.workers}, pin_memory=False) over "
                               "PIL + torchvision transforms", "per_step_sync": "loss.item()"},
-        "engine": {"precision": engine_precision, "channels_last": True,
+        "engine": {"precision": engine_arithmetic, "channels_last": True,
                    "cudnn_benchmark": torch.backends.cudnn.benchmark,
                    "data": "TensorBatches on the device (crop + flip as one gather)",
                    "per_step_sync": "finite-loss check"},

@@ -32,7 +32,8 @@ import torch
 
 from kdlib import KDLibError
 from kdlib.precision import resolve_precision
-from kdlib.results import REPO_RESULTS, load_records, method_label, write_json_atomic
+from kdlib.results import method_label
+from kdlib.run_store import load_records, results_root, write_json_atomic
 
 SPREADS = 2.0  # the rule: |Δ mean| within this many CPU seed standard deviations
 
@@ -152,7 +153,7 @@ def write_tar(records: list[dict], gpu_folder: Path, path: Path) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cpu", type=Path, default=REPO_RESULTS / "book", help="CPU records (default results/book)")
+    p.add_argument("--cpu", type=Path, default=results_root() / "book", help="CPU records (default results/book)")
     p.add_argument("--gpu", type=Path, help="folder with the GPU run's exported records")
     p.add_argument("--method", default="kd", help="the run whose parity decides the exit status (default kd)")
     p.add_argument("--out", type=Path, help="write the comparison as JSON here")

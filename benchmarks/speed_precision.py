@@ -11,8 +11,7 @@ step loop (resnet14 → resnet8, batch 64, 10 classes) under three variants, in 
 Each step is the engine's: the batch from ``TensorBatches`` (crop + flip as one gather), made
 channels_last if the variant says so, ``zero_grad(set_to_none=True)``, ``distiller.train_step`` (KD's
 forward, the finite check, backward) under the variant's autocast, SGD and scheduler steps, loss
-sums kept on the device and synced once per timed stretch — ``kdlib.train.train_epoch``'s body with
-the precision's own autocast in place of its CUDA-only one.
+sums kept on the device and synced once per timed stretch: ``kdlib.train.train_epoch`` itself.
 
 The machine is shared (other processes come and go, and a 2-thread process on 2 busy cores loses
 far more than half its speed), so the variants are timed in ``rounds`` short interleaved stretches
@@ -39,8 +38,8 @@ from kdlib.distill import create_distiller
 from kdlib.models import create_model, list_models
 from kdlib.precision import FP32_CPU, Precision, cpu_has_native_bf16, resolve_precision
 from kdlib.profiles import get_profile
-from kdlib.results import device_description, versions
-from kdlib.train import lr_factor, make_optimizer
+from kdlib.run_store import device_description, versions
+from kdlib.train import lr_factor, make_optimizer, train_epoch
 
 TARGET = 1.8  # policy images/s over fp32 NCHW images/s, at least (issue 19's acceptance)
 FP32_NCHW = Precision("fp32", "cpu", None, channels_last=False)
@@ -145,24 +144,14 @@ class KDLoop:
         self.optimizer = make_optimizer(self.distiller.learnable_parameters(), optim)
         steps = settings.warmup + settings.rounds * settings.timed_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(optim, s, steps))
-        self.precision, self.step = precision, 0
+        self.precision, self.epoch = precision, 0
 
     def run(self, loader: TensorBatches) -> list[float]:
-        """Train on every batch of ``loader``; return the mean loss terms (the stretch's one host sync)."""
-        self.distiller.train()
-        sums, seen = None, 0
-        for x, y in loader:
-            if self.precision.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            self.optimizer.zero_grad(set_to_none=True)
-            with self.precision.autocast():
-                _, losses = self.distiller.train_step(x, y, step=self.step)
-            self.optimizer.step()
-            self.scheduler.step()
-            terms = torch.stack([v.float() for v in losses.values()]) * y.numel()
-            sums = terms if sums is None else sums + terms
-            seen, self.step = seen + y.numel(), self.step + 1
-        return (sums / seen).tolist()
+        """One ``kdlib`` training epoch over ``loader``; the mean loss terms (the stretch's one host sync)."""
+        row = train_epoch(self.distiller, loader, self.optimizer, self.scheduler, self.epoch, len(loader),
+                          self.precision)
+        self.epoch += 1
+        return list(row["losses"].values())
 
 
 def time_stretch(loop: KDLoop, loader: TensorBatches) -> dict:
