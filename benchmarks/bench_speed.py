@@ -442,7 +442,7 @@ def loop_settings(settings: Settings, device: torch.device) -> dict:
                    "cudnn_benchmark": torch.backends.cudnn.benchmark,
                    "data": "TensorBatches on the device (crop + flip as one gather)",
                    "per_step_sync": "finite-loss check"},
-        "bound": {"precision": engine_precision, "channels_last": True,
+        "bound": {"precision": engine_arithmetic, "channels_last": True,
                   "cudnn_benchmark": torch.backends.cudnn.benchmark,
                   "data": "one batch resident on the device", "per_step_sync": "none"},
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},

@@ -77,15 +77,21 @@ CANDIDATES = {
 
 def evidence_candidate(difficulty: float = 0.75, student_lr: float = 0.3, train_size: int = 4000,
                        student_epochs: int = 20, teacher: str = "resnet14", teacher_epochs: int = 30,
-                       val_size: int = 5000, ema_decay: float = 0.998, eval_every: int = 5) -> Profile:
-    """A book setting scored on the validation split (``val_size`` images), EMA on (raw weights recorded too)."""
+                       val_size: int = 5000, ema_decay: float = 0.99, eval_every: int = 5) -> Profile:
+    """A book setting scored on the validation split (``val_size`` images), EMA on (raw weights recorded too).
+
+    The teacher is scored and used without an average. A first try with decay 0.998 (a horizon of
+    about 500 of the student's 1,250 steps) lagged far behind the raw weights (vanilla seed 0: 74.8 %
+    against 92.8 % raw on the validation split, teacher 98.08 against 98.48): the average still held
+    weights from early training. 0.99 averages about the last 100 steps (1.6 epochs).
+    """
     data = dataclasses.replace(BOOK.data, train_size=train_size, test_size=val_size, difficulty=difficulty,
                                eval_split="val")
     scoring = {"ema_decay": ema_decay, "eval_every": eval_every}
     return dataclasses.replace(
         BOOK, data=data, teacher=teacher,
         student_optim=dataclasses.replace(BOOK.student_optim, epochs=student_epochs, lr=student_lr, **scoring),
-        teacher_optim=dataclasses.replace(BOOK.teacher_optim, epochs=teacher_epochs, **scoring),
+        teacher_optim=dataclasses.replace(BOOK.teacher_optim, epochs=teacher_epochs, eval_every=eval_every),
     )
 
 
