@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import shutil
 import time
 import traceback
 from collections import Counter
@@ -213,8 +214,16 @@ def execute(cfgs, launch: Launch, options: EngineOptions) -> Iterator[Outcome]:
         yield _outcome(job, run_name(todo[job.index]))
 
 
+def slurm_available() -> bool:
+    """Whether this machine can submit Slurm jobs (without it submitit fails deep inside: "Could not detect srun")."""
+    return shutil.which("sbatch") is not None
+
+
 def submit_slurm(cluster, cfgs, launch: Launch, options: EngineOptions) -> list:
     """Submit ``cfgs`` as one Slurm job array; return submitit's jobs (one per run)."""
+    if not slurm_available():
+        raise KDLibError("--executor slurm needs Slurm: 'sbatch' is not on PATH here (submit from the cluster's "
+                         "login node, or use --executor local)")
     executor = cluster.slurm_executor(
         launch.job_folder(), partition=launch.partition,
         gpus_per_run=1 if launch.gpus_per_run is None else launch.gpus_per_run,

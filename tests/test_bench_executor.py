@@ -182,7 +182,21 @@ def test_a_failed_teacher_skips_its_students_and_does_not_stop_the_others(tmp_pa
     assert {p.name.split("-")[0] for p in (tmp_path / "out").glob("*-s*.json")} == {"vanilla"}
 
 
-def test_a_slurm_job_without_a_result_is_listed_with_its_state_and_log(tmp_path, monkeypatch):
+@pytest.fixture
+def sbatch_on_path(monkeypatch):
+    """submitit's mock answers sbatch/sacct; kdlib's up-front check looks for sbatch on PATH."""
+    monkeypatch.setattr(bench, "slurm_available", lambda: True)
+
+
+def test_slurm_without_slurm_is_one_line_before_anything_trains(monkeypatch):
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)  # no sbatch on this machine's PATH
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("trained before refusing"))
+    cfgs = bench.grid("smoke", ["vanilla"], [0])
+    with pytest.raises(KDLibError, match="needs Slurm: 'sbatch' is not on PATH"):
+        bench.submit_slurm(bench._cluster(), cfgs, Launch("slurm"), bench.EngineOptions())
+
+
+def test_a_slurm_job_without_a_result_is_listed_with_its_state_and_log(tmp_path, monkeypatch, sbatch_on_path):
     from submitit.core.utils import cloudpickle_dump
     from submitit.slurm.slurm import SlurmJob
     from submitit.slurm.test_slurm import mocked_slurm
@@ -204,7 +218,7 @@ def test_a_slurm_job_without_a_result_is_listed_with_its_state_and_log(tmp_path,
 
 
 # --- the Slurm job array, without a cluster -------------------------------------------------------
-def test_slurm_submits_one_array_with_the_asked_resources(tmp_path):
+def test_slurm_submits_one_array_with_the_asked_resources(tmp_path, sbatch_on_path):
     from submitit.slurm.test_slurm import mocked_slurm
 
     cfgs = bench.grid("smoke", **GRID)
@@ -227,7 +241,7 @@ def test_slurm_submits_one_array_with_the_asked_resources(tmp_path):
         assert hasattr(call.function, "checkpoint")  # requeued on time-out / pre-emption
 
 
-def test_slurm_defaults_one_gpu_a_day_and_the_whole_array_at_once(tmp_path):
+def test_slurm_defaults_one_gpu_a_day_and_the_whole_array_at_once(tmp_path, sbatch_on_path):
     from submitit.slurm.test_slurm import mocked_slurm
 
     launch = Launch("slurm", log_dir=tmp_path).with_job_folder()
