@@ -3,7 +3,7 @@
 A comparison isolates a method's attention term only when the method and its reference carry the
 same logit terms. AFD, SAKD, AFT-KD and SAM-KD add ``0.9·τ²·KL`` (logit KD) to their own term, so they
 are compared with KD; AT and FitNets, which carry no logit term, are compared with vanilla, and
-their "+KD" controls (the same logit term as the attention methods, ``kd_weight=0.9``) with KD.
+their "+KD" controls (``at_kd``, ``fitnets_kd``: the same logit term as the attention methods) with KD.
 LAKD has no logit term: vanilla. KD itself is compared with vanilla.
 """
 
@@ -26,9 +26,9 @@ BOOK_GRID = (
     Entry("vanilla", "vanilla"),
     Entry("KD", "kd", reference="vanilla"),
     Entry("FitNets", "fitnets", reference="vanilla"),
-    Entry("FitNets+KD", "fitnets", {"kd_weight": 0.9}, reference="KD"),
+    Entry("FitNets+KD", "fitnets_kd", reference="KD"),
     Entry("AT", "at", reference="vanilla"),
-    Entry("AT+KD", "at", {"kd_weight": 0.9}, reference="KD"),
+    Entry("AT+KD", "at_kd", reference="KD"),
     Entry("AFD", "afd", reference="KD"),
     Entry("SAKD", "sakd", reference="KD"),
     Entry("AFT-KD", "aftkd", reference="KD"),

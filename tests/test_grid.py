@@ -20,7 +20,7 @@ def rec(method, seed, acc, **options):
 
 
 def test_records_are_grouped_by_entry_and_ablations_left_out():
-    assert entry_of(rec("at", 0, 1.0, kd_weight=0.9)["config"]).label == "AT+KD"
+    assert entry_of(rec("at_kd", 0, 1.0)["config"]).label == "AT+KD"
     assert entry_of(rec("at", 0, 1.0)["config"]).label == "AT"
     assert entry_of(rec("sakd", 0, 1.0, p=0.3)["config"]) is None  # an ablation is not the grid's run
     groups = by_entry([rec("kd", 0, 90.0), rec("kd", 1, 91.0), rec("sakd", 0, 1.0, p=0.3)])
@@ -30,7 +30,7 @@ def test_records_are_grouped_by_entry_and_ablations_left_out():
 def test_grid_comparisons_pair_by_seed_against_the_right_reference_and_adjust_as_one_table():
     van = [rec("vanilla", s, a) for s, a in enumerate([90.0, 91.0, 89.0, 90.5, 90.0])]
     kd = [rec("kd", s, a + 2.0 + 0.1 * s) for s, a in enumerate([90.0, 91.0, 89.0, 90.5, 90.0])]
-    atkd = [rec("at", s, k["top1_last"] + (0.3 if s % 2 else -0.3), kd_weight=0.9) for s, k in enumerate(kd)]
+    atkd = [rec("at_kd", s, k["top1_last"] + (0.3 if s % 2 else -0.3)) for s, k in enumerate(kd)]
     comps = {c.label: c for c in grid_comparisons(van + kd + atkd)}
     assert set(comps) == {"KD − vanilla", "AT+KD − KD"}
     assert comps["KD − vanilla"].mean == pytest.approx(2.2) and comps["KD − vanilla"].verdict == "ahead"

@@ -6,8 +6,10 @@ name               class                          module
 ``vanilla``        :class:`Vanilla`               ``kdlib/distill/vanilla.py``
 ``kd``             :class:`KD`                    ``kdlib/distill/kd.py``
 ``fitnets``        :class:`FitNets`               ``kdlib/distill/fitnets.py``
+``fitnets_kd``     :class:`FitNetsKD`             ``kdlib/distill/fitnets_kd.py``
 ``aftkd``          :class:`AFTKD`                 ``kdlib/distill/aftkd.py``
 ``at``             :class:`AT`                    ``kdlib/distill/at.py``
+``at_kd``          :class:`ATKD`                  ``kdlib/distill/at_kd.py``
 ``afd``            :class:`AFD`                   ``kdlib/distill/afd.py``
 ``lakd``           :class:`LAKD`                  ``kdlib/distill/lakd.py``
 ``sakd``           :class:`SAKD`                  ``kdlib/distill/sakd.py``
@@ -15,7 +17,19 @@ name               class                          module
 =================  =============================  ====================================
 """
 
-from kdlib.distill import afd, aftkd, at, fitnets, kd, lakd, sakd, sam_kd, vanilla  # noqa: F401  (registration)
+from kdlib.distill import (  # noqa: F401  (registration)
+    afd,
+    aftkd,
+    at,
+    at_kd,
+    fitnets,
+    fitnets_kd,
+    kd,
+    lakd,
+    sakd,
+    sam_kd,
+    vanilla,
+)
 from kdlib.distill.base import (  # noqa: F401
     Distiller,
     IncompatibleModelsError,

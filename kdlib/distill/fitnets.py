@@ -2,8 +2,8 @@
 
 ``L = CE + 100·MSE(r(F_s), F_t)``; the regressor ``r`` matches the student's map to the
 teacher's (3×3 stride 2 when twice as large, 4×4 transposed stride 2 when half as large, a valid
-conv of kernel ``1+H_s−H_t`` otherwise), then BN and ReLU, and trains with the student. With
-``kd_weight > 0`` a ``kd_weight·τ²·KL`` term is added ("FitNets+KD", a control like AT+KD).
+conv of kernel ``1+H_s−H_t`` otherwise), then BN and ReLU, and trains with the student.
+``fitnets_kd`` (:mod:`kdlib.distill.fitnets_kd`) adds the logit KD term.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from torch import nn
 
 from kdlib.distill.base import IncompatibleModelsError
 from kdlib.distill.feature_base import FeatureDistiller
-from kdlib.distill.kd import kd_loss
 from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
 from kdlib.features import stage_names
@@ -42,8 +41,6 @@ class FitNets(FeatureDistiller):
     class Options(MethodOptions):
         hint_weight: float = option(100.0, "weight of the hint MSE (CRD's FitNets)", low=0)
         ce_weight: float = option(1.0, "weight of the cross-entropy term", low=0)
-        kd_weight: float = option(0.0, "weight of a logit KD term (0.9: 'FitNets+KD')", low=0)
-        tau: float = option(4.0, "temperature τ of the logit KD term (with kd_weight > 0)", low=0, low_open=True)
 
     def __init__(self, student, teacher, **options):
         super().__init__(student, teacher, **options)
@@ -55,11 +52,12 @@ class FitNets(FeatureDistiller):
         self.hint_weight, self.ce_weight = self.options.hint_weight, self.options.ce_weight
 
     def forward_train(self, x, y):
-        logits, t_logits, (fs,), (ft,) = self.forward_both(x)
-        losses = {
+        logits, t_logits, s_feats, t_feats = self.forward_both(x)
+        return logits, self.loss_terms(logits, t_logits, s_feats, t_feats, y)
+
+    def loss_terms(self, logits, t_logits, s_feats, t_feats, y) -> dict:
+        (fs,), (ft,) = s_feats, t_feats
+        return {
             "ce": self.ce_weight * F.cross_entropy(logits, y),
             "fitnet": self.hint_weight * F.mse_loss(self.extras["regressor"](fs), ft),
         }
-        if self.options.kd_weight > 0:
-            losses["kd"] = self.options.kd_weight * kd_loss(logits, t_logits, self.options.tau)
-        return logits, losses
