@@ -177,18 +177,38 @@ def weighted_distance(alpha: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
 
 
 
-@dataclass(frozen=True)
-class PairOptions(MethodOptions):
-    """The options AFD and SAKD share (official AFD defaults)."""
+# The options AFD and SAKD share (official AFD defaults), one constructor each so that every method's
+# Options dataclass can list them in its own order.
+def taps_option():
+    return option("blocks", "tap every residual block or only the stage outputs", choices=TAPS)
 
-    taps: str = option("blocks", "tap every residual block or only the stage outputs", choices=TAPS)
-    pair_keys: bool = option(True, "a bilinear key per (key tap, query tap) pair; False: the key meets the query")
-    positional: bool = option(True, "add the learned positional bias ⟨P^Q_i, P^K_j⟩ to the logits")
-    beta: float = option(200.0, "weight β of the attention-weighted pair distance", low=0)
-    tau: float = option(4.0, "temperature τ of the logit KD term", low=0, low_open=True)
-    kd_weight: float = option(0.9, "weight of the logit KD term", low=0)
-    ce_weight: float = option(1.0, "weight of the cross-entropy term", low=0)
-    dim: int = option(128, "dimension d of queries and keys", low=1)
+
+def pair_keys_option():
+    return option(True, "a bilinear key per (key tap, query tap) pair; False: the key meets the query")
+
+
+def positional_option():
+    return option(True, "add the learned positional bias ⟨P^Q_i, P^K_j⟩ to the logits")
+
+
+def beta_option():
+    return option(200.0, "weight β of the attention-weighted pair distance", low=0)
+
+
+def tau_option():
+    return option(4.0, "temperature τ of the logit KD term", low=0, low_open=True)
+
+
+def kd_weight_option():
+    return option(0.9, "weight of the logit KD term", low=0)
+
+
+def ce_weight_option():
+    return option(1.0, "weight of the cross-entropy term", low=0)
+
+
+def dim_option():
+    return option(128, "dimension d of queries and keys", low=1)
 
 
 class PairAttentionDistiller(FeatureDistiller):
@@ -299,6 +319,14 @@ class AFD(PairAttentionDistiller):
     queries = "teacher"
 
     @dataclass(frozen=True)
-    class Options(PairOptions):
+    class Options(MethodOptions):
+        taps: str = taps_option()
+        pair_keys: bool = pair_keys_option()
+        positional: bool = positional_option()
         queries: str = option("teacher", "the side that queries ('student': the reversed role SAKD builds on)",
                               choices=QUERY_SIDES)
+        beta: float = beta_option()
+        tau: float = tau_option()
+        kd_weight: float = kd_weight_option()
+        ce_weight: float = ce_weight_option()
+        dim: int = dim_option()

@@ -134,7 +134,8 @@ class AFTKD(FeatureDistiller):
         align: str = option("adapter", "map student channels (1×1 conv + BN) or pool the teacher's",
                             choices=ALIGN_MODES)
         temperature_w: float = option(2.0, "temperature of the descent-rate softmax", low=0, low_open=True)
-        lambdas: dict[str, float] | None = option(DEFAULT_LAMBDAS, "base scales λ_k (a partial dict overrides some)")
+        lambdas: dict[str, float] | None = option(None, "base scales λ_k; None: DEFAULT_LAMBDAS, a partial dict "
+                                                        "overrides some (resolved to the complete dict)")
         tau: float = option(4.0, "temperature τ of the logit KD term", low=0, low_open=True)
         ema_decay: float = option(0.9, "EMA decay of the raw losses (weighting='iteration')", low=0.0, high=1.0,
                                   high_open=True)

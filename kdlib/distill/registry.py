@@ -42,8 +42,12 @@ def resolve_options(name: str, given: dict | None = None) -> dict[str, object]:
 
 
 def distiller_options(name: str) -> dict[str, object]:
-    """The options of a method with their defaults."""
-    return resolve_options(name)
+    """The options of a method with their declared defaults, as a user passes them.
+
+    :func:`resolve_options` gives what a run is identified by: the same, with defaults that stand for
+    a value (AFT-KD's ``lambdas=None``) resolved to it.
+    """
+    return {row["name"]: row["default"] for row in distiller_class(name).Options.describe()}
 
 
 def method_version(name: str) -> int:

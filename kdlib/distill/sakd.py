@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from kdlib import KDLibError
-from kdlib.distill.afd import PairAttentionDistiller, PairOptions
-from kdlib.distill.options import option
+from kdlib.distill import afd
+from kdlib.distill.afd import PairAttentionDistiller
+from kdlib.distill.options import MethodOptions, option
 from kdlib.distill.registry import register_distiller
 
 DROPOUT_FORMS = ("inverted", "renorm", "dropkey")
@@ -78,9 +79,17 @@ class SAKD(PairAttentionDistiller):
     loss_name = "sakd"
 
     @dataclass(frozen=True)
-    class Options(PairOptions):
+    class Options(MethodOptions):
         dropout_form: str = option("inverted", "how attention entries are dropped", choices=DROPOUT_FORMS)
         p: float = option(0.1, "dropout rate of the attention entries", low=0.0, high=1.0, high_open=True)
+        pair_keys: bool = afd.pair_keys_option()
+        positional: bool = afd.positional_option()
+        taps: str = afd.taps_option()
+        beta: float = afd.beta_option()
+        tau: float = afd.tau_option()
+        kd_weight: float = afd.kd_weight_option()
+        ce_weight: float = afd.ce_weight_option()
+        dim: int = afd.dim_option()
 
     def __init__(self, student, teacher, **options):
         super().__init__(student, teacher, **options)
