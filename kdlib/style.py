@@ -206,26 +206,31 @@ def label_points(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[
     points = ax.transData.transform(np.column_stack([xs, ys]).astype(float))
     obstacles = [_point_box(p, 3.0 * fig.dpi / 72) for p in points]
     placed = []
-    for (x, y), label in zip(zip(xs, ys, strict=True), labels, strict=True):
-        best = None
-        for radius in radii_pt:
-            for dx, dy in _DIRECTIONS:
-                ann = _annotation(ax, x, y, label, (dx * radius, dy * radius), radius > radii_pt[0], text_kw)
-                box = _text_box(ann, renderer)
-                cost = _overlap(box, obstacles, pad) + _outside(box, frame)
-                if best is None or cost < best[0]:
-                    if best is not None:
-                        best[1].remove()
-                    best = (cost, ann, box)
-                else:
-                    ann.remove()
-                if best[0] == 0:
-                    break
-            if best[0] == 0:
-                break
-        placed.append(best[1])
-        obstacles.append(best[2])
+    for x, y, label in zip(xs, ys, labels, strict=True):
+        ann, box = _place_label(ax, (x, y), label, radii_pt, text_kw, obstacles, frame, pad)
+        placed.append(ann)
+        obstacles.append(box)
     return placed
+
+
+def _place_label(ax, xy, label: str, radii_pt, text_kw: dict, obstacles: list, frame, pad: float):
+    """``(annotation, its text box)``: the first candidate with nothing in the way, else the least overlapping."""
+    renderer = ax.figure.canvas.get_renderer()
+    best = None
+    for radius in radii_pt:
+        for dx, dy in _DIRECTIONS:
+            ann = _annotation(ax, *xy, label, (dx * radius, dy * radius), radius > radii_pt[0], text_kw)
+            box = _text_box(ann, renderer)
+            cost = _overlap(box, obstacles, pad) + _outside(box, frame)
+            if best is not None and cost >= best[0]:
+                ann.remove()
+                continue
+            if best is not None:
+                best[1].remove()
+            best = (cost, ann, box)
+            if cost == 0:
+                return ann, box
+    return best[1], best[2]
 
 
 def _annotation(ax, x, y, label, offset, leader: bool, text_kw: dict):
