@@ -142,9 +142,9 @@ def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, y
         for label, recs in groups.items():
             c = curve(recs, key)
             x = np.arange(1, c.shape[1] + 1)
-            ax.plot(x, c.mean(0), label=label, marker="o" if len(x) == 1 else None)
-            if len(recs) > 1:
-                ax.fill_between(x, c.min(0), c.max(0), alpha=0.2)
+            (line,) = ax.plot(x, c.mean(0), label=label, marker="o" if len(x) == 1 else None)
+            if len(recs) > 1:  # the band in its line's colour (fill_between would take the next one)
+                ax.fill_between(x, c.min(0), c.max(0), alpha=0.2, color=line.get_color(), linewidth=0)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel or key)
         ax.grid(alpha=0.3)

@@ -229,6 +229,10 @@ def test_report_plots_are_full_width_with_the_legend_outside(plot):
     assert fig.get_size_inches()[0] * fig.dpi >= 1400
     fig.canvas.draw()
     assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+    if plot == "curves":  # each min–max band has its line's colour
+        bands = [c for c in ax.collections if len(c.get_paths())]
+        assert len(bands) == 1  # the one-seed group has no band
+        assert matplotlib.colors.same_color(bands[0].get_facecolor()[0][:3], ax.lines[0].get_color())
     below = report.plot_curves({"kd": fake_records()}, legend="below")
     below.figure.canvas.draw()
     assert below.get_legend().get_window_extent().y1 < below.get_window_extent().y0
