@@ -8,6 +8,7 @@ The library behind the attention-KD book. Import what you need from the submodul
 - :mod:`kdlib.distill`  distillers (vanilla, KD, FitNets, AT, AFD, SAKD, AFT-KD, SAM-KD, LAKD)
 - :mod:`kdlib.train`    the training engine
 - :mod:`kdlib.explain`  attention maps, Grad-CAM++ and localisation metrics
+- :mod:`kdlib.style`    the book's figure style: sizes, colour maps, mask contours, legends, labels
 """
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kdlib import KDLibError
+from kdlib import KDLibError, style
 from kdlib.distill.base import NonFiniteLossError
 from kdlib.profiles import get_profile
 from kdlib.results import is_complete, markdown_table, outcome
@@ -129,36 +129,45 @@ def curve(records: list[dict], key: str) -> np.ndarray:
                     dtype=float)
 
 
-def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, ylabel=None):
-    """Mean over seeds with a min–max band, one line per group."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
-    for label, recs in groups.items():
-        c = curve(recs, key)
-        x = np.arange(1, c.shape[1] + 1)
-        ax.plot(x, c.mean(0), label=label, marker="o" if len(x) == 1 else None)
-        if len(recs) > 1:
-            ax.fill_between(x, c.min(0), c.max(0), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel or key)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, ylabel=None, *,
+                legend: str | None = "right"):
+    """Mean over seeds with a min–max band, one line per group, in the book's style (:mod:`kdlib.style`).
+
+    The legend sits outside the axes (``legend`` = ``"right"`` or ``"below"``), so it covers no
+    curve; ``legend=None`` leaves it out.
+    """
+    with style.book_style():
+        if ax is None:
+            _, ax = plt.subplots(figsize=style.figsize(1.0, aspect=2.0), dpi=style.DPI)
+        for label, recs in groups.items():
+            c = curve(recs, key)
+            x = np.arange(1, c.shape[1] + 1)
+            (line,) = ax.plot(x, c.mean(0), label=label, marker="o" if len(x) == 1 else None)
+            if len(recs) > 1:  # the band in its line's colour (fill_between would take the next one)
+                ax.fill_between(x, c.min(0), c.max(0), alpha=0.2, color=line.get_color(), linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel or key)
+        ax.grid(alpha=0.3)
+        if legend is not None:
+            style.legend_outside(ax, legend)
     return ax
 
 
-def plot_loss_terms(records: list[dict], ax=None, title=None):
-    """Every loss term of one method over epochs (mean over seeds), log scale."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
+def plot_loss_terms(records: list[dict], ax=None, title=None, *, legend: str | None = "right"):
+    """Every loss term of one method over epochs (mean over seeds), log scale, legend outside the axes."""
     if not records or not records[0]["history"]:
         raise KDLibError("no completed epoch to plot: the run diverged in its first epoch")
-    for term in records[0]["history"][0]["losses"]:
-        c = curve(records, term)
-        ax.plot(np.arange(1, c.shape[1] + 1), c.mean(0), label=term, marker="o" if c.shape[1] == 1 else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("weighted loss term")
-    ax.set_title(title or records[0]["config"]["method"])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    with style.book_style():
+        if ax is None:
+            _, ax = plt.subplots(figsize=style.figsize(1.0, aspect=2.0), dpi=style.DPI)
+        for term in records[0]["history"][0]["losses"]:
+            c = curve(records, term)
+            ax.plot(np.arange(1, c.shape[1] + 1), c.mean(0), label=term, marker="o" if c.shape[1] == 1 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("weighted loss term")
+        ax.set_title(title or records[0]["config"]["method"])
+        ax.grid(alpha=0.3)
+        if legend is not None:
+            style.legend_outside(ax, legend)
     return ax
