@@ -76,7 +76,7 @@ PROFILE_TABLE: dict[str, Profile] = {
         student="resnet8",
         teacher_optim=dataclasses.replace(_BOOK_STUDENT, epochs=2),
         student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=1),
-        seeds=(0,),
+        seeds=(0, 1),  # two: the statistical rule (kdlib.stats) pairs at least two seeds
     ),
     # 4,000 images × 20 epochs at batch 64 (80k samples, 1,250 steps per student run) and a resnet14
     # teacher: the budget of `make book` (about 45 runs in 90 minutes on 2 cores) set the size; at batch
