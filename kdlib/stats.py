@@ -257,8 +257,11 @@ def _fmt(x: float, fmt: str) -> str:
     return "n/a" if math.isnan(x) else format(x, fmt)
 
 
-def markdown(comparisons: list[Comparison], digits: int = 2) -> str:
-    """The Markdown table of one family of comparisons: Δ, interval, p, Holm p, r, MDE, verdict."""
+def markdown(comparisons: list[Comparison], digits: int = 2, unit: str = "points") -> str:
+    """The Markdown table of one family of comparisons: Δ, interval, p, Holm p, r, MDE, verdict.
+
+    ``unit`` names the units of Δ (accuracy points by default; a metric's name for other keys).
+    """
     rows = table(comparisons)
     level = f"{100 * rows[0]['confidence']:g} %" if rows else "95 %"
     f = f".{digits}f"
@@ -268,9 +271,19 @@ def markdown(comparisons: list[Comparison], digits: int = 2) -> str:
          "r": _fmt(r["r"], "+.2f"), "mde": _fmt(r["mde"], f), "verdict": r["verdict"]}
         for r in rows
     ]
-    columns = [("label", "comparison"), ("n", "seeds"), ("delta", "Δ (points)"), ("ci", f"{level} interval"),
+    columns = [("label", "comparison"), ("n", "seeds"), ("delta", f"Δ ({unit})"), ("ci", f"{level} interval"),
                ("p", "p"), ("p_holm", "Holm p"), ("r", "r"), ("mde", "MDE (80 % power)"), ("verdict", "verdict")]
     return markdown_table(cells, columns)
+
+
+def compare_values(method: dict[int, float], reference: dict[int, float], *, label: str = "",
+                   confidence: float = 0.95) -> Comparison:
+    """:func:`compare` for per-seed values that are not accuracies of records (a metric computed from
+    each seed's model): ``{seed: value}`` on each side, paired by seed."""
+    def records(values: dict[int, float]) -> list[dict]:
+        return [{"seed": int(s), "status": "complete", "value": float(v)} for s, v in values.items()]
+
+    return compare(records(method), records(reference), key="value", label=label, confidence=confidence)
 
 
 # --- single-seed options ----------------------------------------------------------------------

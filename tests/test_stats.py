@@ -227,3 +227,13 @@ def test_against_seed_range():
         against_seed_range(rec(0, None, status="diverged"), default)
     with pytest.raises(KDLibError, match="at least 2 seeds"):
         against_seed_range(92.0, recs([91.0]))
+
+
+def test_compare_values_pairs_plain_numbers_by_seed_and_names_its_unit():
+    from kdlib.stats import compare_values, markdown
+
+    c = compare_values({0: 0.50, 1: 0.55, 2: 0.52, 3: 0.9}, {0: 0.40, 1: 0.43, 2: 0.44}, label="energy")
+    assert c.n == 3 and c.seeds == (0, 1, 2)  # seed 3 has no partner
+    assert c.mean == pytest.approx((0.10 + 0.12 + 0.08) / 3)
+    table = markdown([c], unit="energy share")
+    assert "Δ (energy share)" in table and "Δ (points)" not in table

@@ -13,9 +13,9 @@ is trained only by its own losses:
 - ``L_h = CE`` on the last module's logits.
 
 ``L = α·L_h + (1−α)·att_weight·Σ_k L_att^k + β·Σ_k L_lf^k`` (α = 0.5, β = 30, att_weight = 1000).
-β started as FitNets' 100; at the book's student rate of 0.3 that run collapsed to chance in its
-first epoch (the feature terms grew, the modules stopped learning), at lr 0.1 it trained well; 30
-keeps β·lr of the stable run.
+β started as FitNets' 100 (set at lr 0.1); 30 keeps β·lr of that setting at the book's student rate
+of 0.3 (a development run at β = 100 and lr 0.3 collapsed; it is not a recorded result, and the
+chapter states only what its own runs show).
 
 Loss terms returned (each already weighted, so the engine's sum is ``L``):
 
@@ -120,7 +120,8 @@ class LAKD(Distiller):
 
     @dataclass(frozen=True)
     class Options(MethodOptions):
-        alpha: float = option(0.5, "share of the local feature loss against the attention loss", low=0.0, high=1.0)
+        alpha: float = option(0.5, "weight μ of the cross-entropy (last module) against 1 − μ on the attention loss",
+                              low=0.0, high=1.0)
         beta: float = option(30.0, "weight β of each module's distillation loss", low=0)
         att_weight: float = option(1000.0, "scale of the NDAM attention loss", low=0)
         truncate: bool = option(True, "stop gradients between local modules")
