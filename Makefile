@@ -29,7 +29,7 @@ $(TOOLS_STAMP): .ci/tools-requirements.txt
 ## test: lint (code, workflows, CITATION.cff), unit tests, notebooks under nbval (smoke profile),
 ## book build (-W), browser check
 test: install tools
-	$(BIN)/ruff check kdlib tests benchmarks conftest.py book/_ext
+	$(BIN)/ruff check kdlib tests benchmarks conftest.py book/_ext drafts
 	$(BIN)/actionlint .github/workflows/*.yml
 	$(TOOLS)/bin/cffconvert --validate -i CITATION.cff
 	$(BIN)/pytest -q tests --ignore=tests/test_browser.py
