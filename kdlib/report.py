@@ -142,9 +142,15 @@ def plot_curves(groups: dict[str, list[dict]], key: str = "test_acc", ax=None, y
         for label, recs in groups.items():
             c = curve(recs, key)
             x = np.arange(1, c.shape[1] + 1)
-            (line,) = ax.plot(x, c.mean(0), label=label, marker="o" if len(x) == 1 else None)
-            if len(recs) > 1:  # the band in its line's colour (fill_between would take the next one)
-                ax.fill_between(x, c.min(0), c.max(0), alpha=0.2, color=line.get_color(), linewidth=0)
+            # Epochs nobody scored (eval_every > 1) are left out, so the evaluated ones join up; an epoch
+            # that some seeds reached (a diverged run stops early) still counts for the others.
+            scored = ~np.isnan(c).all(axis=0)
+            x, c = x[scored], c[:, scored]
+            mean = np.nanmean(c, axis=0) if c.size else c.sum(0)
+            (line,) = ax.plot(x, mean, label=label, marker="o" if len(x) <= 5 else None)
+            if len(recs) > 1 and c.size:  # the band in its line's colour (fill_between would take the next one)
+                ax.fill_between(x, np.nanmin(c, axis=0), np.nanmax(c, axis=0), alpha=0.2, color=line.get_color(),
+                                linewidth=0)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel or key)
         ax.grid(alpha=0.3)

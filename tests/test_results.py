@@ -149,3 +149,19 @@ def test_grid_keeps_going_past_a_diverged_run_and_reports_it(tmp_path, monkeypat
     assert "diverged (epoch 1)" in summary and "| at |" in summary
     header = (tmp_path / "summary.csv").read_text().splitlines()[0]
     assert header.endswith(",diverged")
+
+
+def test_plot_curves_joins_the_epochs_that_were_scored():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kdlib.report import plot_curves
+
+    recs = [fake_record(seed=s, last=80.0 + s, epochs=4) for s in (0, 1)]
+    for r in recs:  # eval_every = 2: epochs 1 and 3 have no test score
+        for h in r["history"][::2]:
+            del h["test_acc"]
+    ax = plot_curves({"kd": recs})
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [2, 4]
+    assert list(line.get_ydata()) == pytest.approx([(78.0 + 79.0) / 2, (80.0 + 81.0) / 2])
