@@ -83,8 +83,11 @@ PROFILE_TABLE: dict[str, Profile] = {
     # 128 and 15 epochs (470 steps) the student was still on its early plateau (53 % top-1, seed 0).
     # Difficulty 0.75 and a student peak lr of 0.3 (the teacher keeps 0.1): at difficulty 1 and lr 0.1
     # the vanilla student was still learning at its last epoch and its seed spread was 7.8 points.
-    # results/calibration_book.json has every candidate tried; this one meets the four targets
-    # (vanilla 1.20 std on seeds 0-2, KD +2.4, teacher +7.4); at lr 0.4 KD no longer beat vanilla.
+    # results/calibration_book.json has every candidate tried; this one met the engine round's targets
+    # on the test set (vanilla 1.20 std on seeds 0-2, KD +2.4, teacher +7.4), a choice among 13 that
+    # carries its luck. The evidence round (same file, section "evidence") re-judges settings on a
+    # validation split with 5 seeds; five seeds are the book's now (each grid comparison is paired by
+    # seed), the rest of the setting waits for that round.
     "book": Profile(
         name="book",
         data=DataConfig(name="shapes", batch_size=64, train_size=4000, test_size=2000, difficulty=0.75),
@@ -92,7 +95,7 @@ PROFILE_TABLE: dict[str, Profile] = {
         student="resnet8",
         teacher_optim=dataclasses.replace(_BOOK_STUDENT, epochs=30),
         student_optim=dataclasses.replace(_BOOK_STUDENT, epochs=20, lr=0.3),
-        seeds=(0, 1, 2),
+        seeds=(0, 1, 2, 3, 4),
     ),
     "paper": Profile(
         name="paper",
