@@ -14,6 +14,7 @@ import re
 
 import nbformat
 import pytest
+from test_provenance import _output_text as _text
 
 BAR = re.compile(r"\r|it/s\]|s/it\]|\d+%\|")
 CHECK_WORDS = ("==", "match", "agree", "equal")
@@ -31,14 +32,6 @@ def failed_check(text: str) -> bool:
         if re.search(r"==\s*[\w.']+\s*:\s*False\b", line) or re.search(r":\s*False\s*$", line):
             return True
     return False
-
-
-def _text(output: dict) -> str:
-    if output.get("output_type") == "stream":
-        text = output.get("text", "")
-    else:
-        text = output.get("data", {}).get("text/plain", "")
-    return "".join(text) if isinstance(text, list) else text
 
 
 def stored_output_problems(nb: dict) -> list[str]:
