@@ -47,16 +47,20 @@ def _tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("speed")
-    out, figure = folder / "speed.json", folder / "speed.png"
+def _run_bench(args: list[str], folder: Path, name: str) -> dict:
+    """Run the benchmark into ``folder``; the record as written, and whether the repository was left alone."""
+    out, figure = folder / f"{name}.json", folder / f"{name}.png"
     watched = [REPO / "results", REPO / "book" / "_static"]
     before = [_tree(f) for f in watched]
-    returned = bench.main([*QUICK_ARGS, "--out", str(out), "--figure", str(figure)])
+    returned = bench.main([*args, "--out", str(out), "--figure", str(figure)])
     after = [_tree(f) for f in watched]
     record = json.loads(out.read_text())  # the checks read what a reader of the record reads
     return {"record": record, "returned": returned, "figure": figure, "repo_untouched": before == after}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _run_bench(QUICK_ARGS, tmp_path_factory.mktemp("speed"), "speed")
 
 
 # --- the quick run ---------------------------------------------------------------------------------
@@ -269,16 +273,10 @@ VARIANTS = ("fp32-nchw", "fp32-channels_last", "policy")
 
 @pytest.fixture(scope="module")
 def precision_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("speed_cpu")
-    out, figure = folder / "speed_cpu.json", folder / "speed_cpu.png"
-    watched = [REPO / "results", REPO / "book" / "_static"]
-    before = [_tree(f) for f in watched]
     with pytest.MonkeyPatch.context() as mp:  # the bf16 policy on any CPU (emulated where not native)
         mp.delenv("KDLIB_PRECISION", raising=False)
         mp.setattr("kdlib.precision.cpu_has_native_bf16", lambda: True)
-        bench.main([*PRECISION_ARGS, "--out", str(out), "--figure", str(figure)])
-    after = [_tree(f) for f in watched]
-    return {"record": json.loads(out.read_text()), "figure": figure, "repo_untouched": before == after}
+        return _run_bench(PRECISION_ARGS, tmp_path_factory.mktemp("speed_cpu"), "speed_cpu")
 
 
 @pytest.mark.slow
