@@ -7,8 +7,6 @@ STAMP  := $(VENV)/.kdlib-installed
 TOOLS  := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-# Draft chapters (drafts/README.md): no stored outputs, so nbval only checks that they run end to end.
-DRAFTS := $(sort $(wildcard drafts/*.ipynb))
 
 .PHONY: book test install tools nbval html browser execute clean gpu-check gpu-check-dry-run gpu-wheels
 
@@ -31,7 +29,7 @@ $(TOOLS_STAMP): .ci/tools-requirements.txt
 ## test: lint (code, workflows, CITATION.cff), unit tests, notebooks under nbval (smoke profile),
 ## book build (-W), browser check
 test: install tools
-	$(BIN)/ruff check kdlib tests benchmarks conftest.py book/_ext drafts
+	$(BIN)/ruff check kdlib tests benchmarks conftest.py book/_ext notebooks
 	$(BIN)/actionlint .github/workflows/*.yml
 	$(TOOLS)/bin/cffconvert --validate -i CITATION.cff
 	$(BIN)/pytest -q tests --ignore=tests/test_browser.py
@@ -40,7 +38,7 @@ test: install tools
 nbval: install
 	@cache=$$(mktemp -d); \
 	KDLIB_PROFILE=smoke KDLIB_CACHE=$$cache $(BIN)/pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-cell-timeout=600 $(NOTEBOOKS) $(DRAFTS); rc=$$?; rm -rf $$cache; exit $$rc
+	  --nbval-cell-timeout=600 $(NOTEBOOKS); rc=$$?; rm -rf $$cache; exit $$rc
 
 html: install
 	$(BIN)/jupyter-book build . -W -n --keep-going

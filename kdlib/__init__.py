@@ -11,7 +11,7 @@ The library behind the attention-KD book. Import what you need from the submodul
 - :mod:`kdlib.style`    the book's figure style: sizes, colour maps, mask contours, legends, labels
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class KDLibError(Exception):

@@ -86,7 +86,9 @@ def model_of(record: dict):
 def distiller_of(record: dict):
     """The trained distiller of a record, extras included (attention modules, adapters, weighting state).
 
-    Student and extras come from the run's last checkpoint in the cache, the teacher from its own run.
+    Extras come from the run's last checkpoint in the cache, the teacher from its own run, and the
+    student's weights are the ones the record scores: with ``ema_decay`` > 0 that is the moving average
+    (what ``model_of`` loads), so maps, CAMs and accuracies all describe one model.
     """
     from kdlib.config import RunConfig
     from kdlib.distill import create_distiller
@@ -98,6 +100,8 @@ def distiller_of(record: dict):
     distiller = create_distiller(cfg.method, student, teacher, **dict(cfg.method_options))
     ckpt = load_checkpoint(run_dir(cfg) / CHECKPOINT, record["hash"])
     distiller.load_trainable_state_dict(ckpt["distiller"])
+    if cfg.optim.ema_decay > 0:
+        distiller.student.load_state_dict(load_model(cfg).state_dict())
     return distiller.eval()
 
 

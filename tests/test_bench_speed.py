@@ -21,6 +21,7 @@ import kdlib
 from kdlib import KDLibError
 from kdlib.data.cifar import CIFAR100_MEAN, CIFAR100_STD, crd_transform
 from kdlib.distill import create_distiller
+from kdlib.profiles import PROFILE_TABLE
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_speed.py"
@@ -358,7 +359,7 @@ def test_precision_defaults_are_the_book_pair_and_stay_in_place():
     args = bench.parse_args(["--cpu-precision"])
     settings = sp.resolve(args)
     assert (settings.teacher, settings.student, settings.batch, settings.threads) == ("resnet14", "resnet8", 64, 2)
-    assert settings.samples == 4000 and not settings.quick
+    assert settings.samples == PROFILE_TABLE["book"].data.train_size and not settings.quick
     out, figure = bench.output_paths(args, settings)
     assert out == REPO / "results" / "speed_cpu.json" and figure == REPO / "book" / "_static" / "speed_cpu.png"
     quick = bench.parse_args(["--cpu-precision", "--quick"])
