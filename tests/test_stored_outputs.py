@@ -2,15 +2,16 @@
 
 The book renders stored outputs, so each tqdm refresh would be its own box and a library warning
 would be printed to every reader; nbval compares ``# NBVAL_CHECK_OUTPUT`` cells with what is stored,
-so a check that *printed* ``False`` would be frozen as the expected answer. The checks below run on
-constructed notebooks here; the chapters rewritten in ``drafts/`` assert instead of printing and the
-engine prints one line per run when not on a terminal, so the same checks apply to ``notebooks/`` from
-the book's next execution on (``stored_output_problems`` is the function to parametrize over them).
+so a check that *printed* ``False`` would be frozen as the expected answer. The chapters assert
+instead of printing, and the engine prints one line per run when not on a terminal; the first tests
+hold every committed chapter to that, the others check the checker on constructed notebooks.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -49,6 +50,14 @@ def stored_output_problems(nb: dict) -> list[str]:
             if checked and failed_check(text):
                 problems.append(f"code cell {number} (NBVAL_CHECK_OUTPUT) stores a failed check: assert instead")
     return problems
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_a_committed_chapter_stores_no_bar_warning_or_frozen_failure(path: Path):
+    assert stored_output_problems(json.loads(path.read_text(encoding="utf-8"))) == []
 
 
 def notebook(*cells: tuple[str, list[dict]]) -> dict:
