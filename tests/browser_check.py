@@ -289,9 +289,14 @@ def check_site(
 
 
 def default_screenshot_pages(pages: list[str]) -> list[str]:
-    """The root page and the first notebook chapter (else the second page): two pages to look at."""
-    others = [p for p in pages[1:] if p.startswith("notebooks/")] or pages[1:]
-    return pages[:1] + others[:1]
+    """Two chapters to look at: the first notebook chapter and the first method chapter (``notebooks/1*``).
+
+    Without a method chapter, the first two notebook chapters, filled up with the first other pages.
+    """
+    chapters = [p for p in pages if p.startswith("notebooks/")]
+    methods = [p for p in chapters[1:] if p.startswith("notebooks/1")]
+    picked = (chapters[:1] + methods[:1]) if methods else chapters[:2]
+    return (picked + [p for p in pages if p not in picked])[:2]
 
 
 def format_report(report: dict[str, list[str]]) -> str:

@@ -91,7 +91,15 @@ def test_toc_pages_lists_root_and_nested_files(tmp_path: Path):
         "  - caption: B\n    chapters:\n      - file: book/c\n      - url: https://example.org\n"
     )
     assert toc_pages(toc) == ["book/intro", "book/a", "notebooks/b", "book/c"]
-    assert default_screenshot_pages(toc_pages(toc)) == ["book/intro", "notebooks/b"]
+    assert default_screenshot_pages(toc_pages(toc)) == ["notebooks/b", "book/intro"]
+
+
+def test_screenshots_show_the_first_chapter_and_the_first_method_chapter():
+    pages = ["book/intro", "book/notation", "notebooks/00_data", "notebooks/01_baselines", "notebooks/10_sakd",
+             "notebooks/11_aftkd", "book/references"]
+    assert default_screenshot_pages(pages) == ["notebooks/00_data", "notebooks/10_sakd"]
+    assert default_screenshot_pages(pages[:4]) == ["notebooks/00_data", "notebooks/01_baselines"]
+    assert default_screenshot_pages(["book/intro", "book/a", "book/b"]) == ["book/intro", "book/a"]
 
 
 def test_link_check_reports_exactly_the_broken_link_and_anchor(fake_site: Path):
