@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from kdlib import KDLibError
+from kdlib.distill import resolve_options
 from kdlib.precision import resolve_precision
 from kdlib.results import method_label
 from kdlib.run_store import load_records, results_root, write_json_atomic
@@ -42,6 +43,12 @@ def on(device_prefix: str, records: list[dict]) -> list[dict]:
     """The complete records of runs made on ``cpu`` or ``cuda``."""
     return [r for r in records if str(r.get("device", "")).startswith(device_prefix)
             and r.get("status", "complete") == "complete" and r.get("top1_last") is not None]
+
+
+def default_options(config: dict) -> bool:
+    """Whether a record ran its method with the default options (records store every option resolved)."""
+    options = config.get("method_options") or {}
+    return resolve_options(config["method"], options) == resolve_options(config["method"], {})
 
 
 def config_key(config: dict) -> str:
@@ -95,14 +102,14 @@ def compare(cpu_records: list[dict], gpu_records: list[dict]) -> dict[str, dict]
         same = [r for r in cpu if config_key(r["config"]) == key]
         config = runs[0]["config"]
         out[label(config)] = {"method": config["method"], "options": config.get("method_options") or {},
-                              **compare_group(same, runs)}
+                              "default_options": default_options(config), **compare_group(same, runs)}
     return out
 
 
 def headline(rows: dict[str, dict], method: str) -> tuple[str, dict]:
     """The row of ``method`` with default options (the one the verdict is on)."""
     for name, row in rows.items():
-        if row["method"] == method and not row["options"] and row.get("seeds"):
+        if row["method"] == method and row["default_options"] and row.get("seeds"):
             return name, row
     raise KDLibError(f"no GPU run of {method!r} with a CPU record of the same config and seed")
 
@@ -134,7 +141,7 @@ def report(rows: dict[str, dict], name: str) -> str:
 def dry_run(cpu_folder: Path, method: str) -> str:
     """The CPU side alone: complete records of ``method`` (default options) on at least two seeds."""
     runs = [r for r in on("cpu", load_records(cpu_folder)) if r["config"]["method"] == method
-            and not r["config"].get("method_options")]
+            and default_options(r["config"])]
     if len({r["seed"] for r in runs}) < 2:
         raise KDLibError(f"{cpu_folder} holds {len(runs)} CPU record(s) of {method!r}: the parity check needs "
                          "at least two seeds")

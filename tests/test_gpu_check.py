@@ -66,7 +66,7 @@ def test_dry_run_passes_without_a_gpu_and_writes_nothing(tmp_path):
     assert "pip wheel --no-deps" in text and "WARN wheels missing" in text
     selected = int(text.split("pytest -m cuda selects ")[1].split()[0])
     assert selected >= 3  # tests/test_data.py's and tests/test_precision.py's CUDA tests at least
-    assert "ok   CPU reference: kd on seeds [0, 1, 2]" in text
+    assert f"ok   CPU reference: kd on seeds {sorted(_cpu_kd())}" in text
     assert not out.exists()
 
 
@@ -239,7 +239,7 @@ def _gpu_copies(folder: Path, shift: dict[int, float], names=("kd", "vanilla-res
     made = []
     for path in sorted(BOOK.glob("*.json")):
         record = json.loads(path.read_text())
-        if not any(path.name.startswith(n + "-") for n in names) or record["config"].get("method_options"):
+        if not any(path.name.startswith(n + "-") for n in names) or not parity.default_options(record["config"]):
             continue
         record["device"], record["precision"] = "cuda: NVIDIA H200", "bf16-autocast"
         record["top1_last"] += shift.get(record["seed"], 0.0)
@@ -250,12 +250,13 @@ def _gpu_copies(folder: Path, shift: dict[int, float], names=("kd", "vanilla-res
 
 def _cpu_kd() -> dict[int, float]:
     return {r["seed"]: r["top1_last"] for r in map(json.loads, map(Path.read_text, BOOK.glob("kd-*.json")))
-            if not r["config"].get("method_options")}
+            if parity.default_options(r["config"])}
 
 
 def test_parity_within_the_seed_spread(tmp_path, capsys):
     gpu = tmp_path / "gpu"
-    made = _gpu_copies(gpu, {0: 0.3, 1: -0.2, 2: 0.5})
+    shift = dict(zip(sorted(_cpu_kd()), [0.3, -0.2, 0.5, 0.1, -0.2]))  # the committed seeds (five in the book)
+    made = _gpu_copies(gpu, shift)
     code = parity.main(["--gpu", str(gpu), "--out", str(tmp_path / "p.json"), "--tar", str(tmp_path / "r.tgz")])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -263,9 +264,9 @@ def test_parity_within_the_seed_spread(tmp_path, capsys):
     assert result["checked"] == "kd (resnet14 → resnet8)" and result["within_spread"] is True
     kd = result["runs"]["kd (resnet14 → resnet8)"]
     cpu = _cpu_kd()
-    assert kd["seeds"] == [0, 1, 2] and kd["cpu_top1_last"] == [cpu[0], cpu[1], cpu[2]]
-    assert kd["paired_difference"] == pytest.approx([0.3, -0.2, 0.5])
-    assert kd["difference_of_means"] == pytest.approx(0.2)
+    assert kd["seeds"] == sorted(cpu) and kd["cpu_top1_last"] == [cpu[s] for s in sorted(cpu)]
+    assert kd["paired_difference"] == pytest.approx([shift[s] for s in sorted(cpu)])
+    assert kd["difference_of_means"] == pytest.approx(sum(shift.values()) / len(shift))
     assert kd["allowed"] == pytest.approx(2 * kd["cpu_std"]) and kd["gpu_precision"] == ["bf16-autocast"]
     assert 0 < kd["paired_t_pvalue"] < 1
     teacher = result["runs"]["vanilla (resnet14)"]
@@ -277,7 +278,7 @@ def test_parity_within_the_seed_spread(tmp_path, capsys):
 
 def test_parity_outside_the_spread_fails(tmp_path, capsys):
     gpu = tmp_path / "gpu"
-    _gpu_copies(gpu, {0: -9.0, 1: -8.0, 2: -10.0})
+    _gpu_copies(gpu, {seed: -9.0 for seed in _cpu_kd()})
     assert parity.main(["--gpu", str(gpu)]) == 1
     assert "OUTSIDE" in capsys.readouterr().out
 
@@ -292,6 +293,6 @@ def test_parity_needs_gpu_records_of_the_checked_method(tmp_path, capsys):
 
 def test_parity_dry_run_checks_the_cpu_side(tmp_path, capsys):
     assert parity.main(["--dry-run"]) == 0
-    assert "kd on seeds [0, 1, 2]" in capsys.readouterr().out
+    assert f"kd on seeds {sorted(_cpu_kd())}" in capsys.readouterr().out
     assert parity.main(["--dry-run", "--cpu", str(tmp_path)]) == 2
     assert "at least two seeds" in capsys.readouterr().err
