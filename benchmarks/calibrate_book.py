@@ -30,9 +30,9 @@ from kdlib.profiles import PROFILE_TABLE, Profile
 from kdlib.run_store import results_root, write_json_atomic
 from kdlib.train import EngineOptions, run
 
-# The book profile as the two calibration rounds knew it (the engine round's setting: 4,000 test
-# images scored every epoch on the raw weights). Frozen here so that the candidates below keep their
-# identities now that the `book` profile is the evidence round's V2.
+# The book profile as the two calibration rounds knew it (the engine round's setting: 4,000 training
+# and 2,000 test images, 20 epochs, scored every epoch on the raw weights). Frozen here so that the
+# candidates below keep their identities now that the `book` profile is the evidence round's V2.
 BOOK = dataclasses.replace(
     PROFILE_TABLE["book"],
     data=dataclasses.replace(PROFILE_TABLE["book"].data, train_size=4000, test_size=2000),
