@@ -50,16 +50,28 @@ browser: install
 	  echo "chromium not installed and not root: the browser check will be skipped"; }
 	$(BIN)/pytest -q -rs tests/test_browser.py
 
-## book: execute every notebook with the book profile (cached runs are reused), then build the HTML
+## book: train the book's grid, execute every chapter from the cache, build the HTML (see "The time
+## budget of make book" on the How-this-book-is-built page). Every run trains with one torch thread,
+## so a machine with the same CPU gives the committed records back bit for bit, whatever its core count:
+## `kdlib bench` trains the teacher and the grid one run per core (one per GPU on a GPU machine), then
+## the chapters (their ablations) execute JOBS at a time, then the chapters that read every other
+## chapter's runs (notebooks/2*), then the HTML.
+PROFILE ?= book
+JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
+LAST    := $(filter notebooks/2%,$(NOTEBOOKS))
+RUN_NB  := env OMP_NUM_THREADS=1 KDLIB_PROFILE=$(PROFILE) $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3
+
 book: install
-	$(MAKE) --no-print-directory execute NB="$(NOTEBOOKS)"
+	$(BIN)/kdlib bench --profile $(PROFILE) --quiet
+	printf '%s\n' $(filter-out $(LAST),$(NOTEBOOKS)) | xargs -P $(JOBS) -I{} $(RUN_NB) {}
+	$(RUN_NB) $(LAST)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is in $(CURDIR)/_build/html/index.html"
 
 ## execute: run notebooks in place with the book profile, e.g. make execute NB=notebooks/10_sakd.ipynb
 NB ?= $(NOTEBOOKS)
 execute: install
-	KDLIB_PROFILE=book $(BIN)/jupyter execute --inplace --timeout=-1 --kernel_name=python3 $(NB)
+	$(RUN_NB) $(NB)
 
 ## gpu-check: on the device machine (its python3, no venv): one call of <= 9 minutes, results under $OUT
 gpu-check:

@@ -8,6 +8,11 @@ in a cache of its own, computes the verdicts of the book's one statistical rule 
 
     python benchmarks/reexecution_check.py --profile book --threads 1
     python benchmarks/reexecution_check.py --profile book --seeds 5 6 7 8 9   # other seeds instead
+    python benchmarks/reexecution_check.py --before OLD/results/book --after results/book  # two executions
+
+The last form trains nothing: it compares the records of two executions of the book that were made
+already (for instance the committed records of a version and those of a fresh ``make book`` made with
+other threads), each folder holding the grid.
 
 It writes ``results/<profile>/reexecution.json`` (both tables and which verdicts held).
 """
@@ -47,19 +52,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", nargs="+", type=int)
     ap.add_argument("--methods", nargs="+", help="grid entries (default: the whole grid)")
     ap.add_argument("--cache", help="cache for the re-run (default: a new temporary folder)")
+    ap.add_argument("--before", help="records to compare with (default: results/<profile>)")
+    ap.add_argument("--after", help="records of a re-execution made already: compare, train nothing")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     prof = get_profile(args.profile)
     folder = results_root() / prof.name
-    committed = load_records(folder)
-    torch.set_num_threads(args.threads)
-    cache = Path(args.cache or tempfile.mkdtemp(prefix="kdlib-reexec-"))
-    options = EngineOptions(progress=bool(os.environ.get("KDLIB_PROGRESS")))
-    rerun = [run(cfg, options=options, root=cache) for cfg in grid(prof.name, args.methods, args.seeds)]
+    committed = load_records(Path(args.before) if args.before else folder)
+    if args.after:
+        rerun = load_records(Path(args.after))
+    else:
+        torch.set_num_threads(args.threads)
+        cache = Path(args.cache or tempfile.mkdtemp(prefix="kdlib-reexec-"))
+        options = EngineOptions(progress=bool(os.environ.get("KDLIB_PROGRESS")))
+        rerun = [run(cfg, options=options, root=cache) for cfg in grid(prof.name, args.methods, args.seeds)]
     before = verdicts(grid_comparisons(committed, student=prof.student))
     after = verdicts(grid_comparisons(rerun, student=prof.student))
-    result = {"profile": prof.name, "threads": args.threads, "seeds": args.seeds or list(prof.seeds),
+    devices = lambda recs: sorted({r.get("device", "?") for r in recs})  # noqa: E731
+    result = {"profile": prof.name, "seeds": args.seeds or list(prof.seeds),
+              "devices": {"committed": devices(committed), "rerun": devices(rerun)},
               "committed": before, "rerun": after, "held": held(before, after)}
     write_json_atomic(Path(args.out) if args.out else folder / "reexecution.json", result)
     for label, ok in result["held"].items():

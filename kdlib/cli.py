@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--executor", choices=("local", "slurm", "inline"), default="local",
                    help="local: concurrent processes on this machine (default); slurm: one job array; "
                         "inline: one run after another in this process (local and slurm need kdlib[cluster])")
-    b.add_argument("--jobs", type=int, help="local: runs at once (default: one per GPU; 1 on a CPU)")
+    b.add_argument("--jobs", type=int,
+                   help="local: runs at once (default: one per GPU; on a CPU one per core, one thread each)")
     b.add_argument("--partition", help="slurm: the partition")
     b.add_argument("--gpus-per-run", type=int, help="slurm: GPUs of each array task (default 1)")
     b.add_argument("--cpus-per-run", type=int, help="slurm: CPUs of each array task (default: the partition's)")

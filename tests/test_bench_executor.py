@@ -252,6 +252,27 @@ def test_slurm_defaults_one_gpu_a_day_and_the_whole_array_at_once(tmp_path, sbat
     assert "--partition" not in text and "--cpus-per-task" not in text
 
 
+@pytest.mark.parametrize("gpus,cores,jobs,want", [
+    (0, 2, None, (2, 1)),   # a CPU: one run per core, one torch thread each
+    (0, 16, None, (16, 1)),
+    (0, 2, 1, (1, 2)),      # --jobs 1: one run with the machine's threads
+    (4, 32, None, (4, 8)),  # one run per GPU, the cores split between them
+])
+def test_local_default_jobs_and_threads(monkeypatch, gpus, cores, jobs, want):
+    seen = {}
+
+    class FakeCluster:
+        @staticmethod
+        def run_local(fn, calls, folder, *, jobs, gpus, timeout_min):
+            seen.update(jobs=jobs, threads={c[2] for c in calls})
+            return []
+
+    monkeypatch.setattr(bench, "_gpus", lambda device: gpus)
+    monkeypatch.setattr(bench, "_cores", lambda: cores)
+    bench._run_local(FakeCluster, [object(), object()], Launch("local", jobs=jobs), bench.EngineOptions())
+    assert (seen["jobs"], seen["threads"]) == (want[0], {want[1]})
+
+
 # --- the command line -----------------------------------------------------------------------------
 def test_bench_options_reach_the_launch(monkeypatch):
     seen = {}
@@ -264,7 +285,7 @@ def test_bench_options_reach_the_launch(monkeypatch):
                                     array_parallelism=16, log_dir="/shared/logs")
     args = build_parser().parse_args(["bench"])
     args.func(args)
-    assert seen["launch"] == Launch("local")  # the default: local processes, one per GPU (1 on a CPU)
+    assert seen["launch"] == Launch("local")  # the default: local processes, one per GPU (one per core on a CPU)
 
 
 @pytest.mark.parametrize("argv,needle", [
