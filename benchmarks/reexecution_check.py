@@ -14,7 +14,8 @@ The last form trains nothing: it compares the records of two executions of the b
 already (for instance the committed records of a version and those of a fresh ``make book`` made with
 other threads), each folder holding the grid.
 
-It writes ``results/<profile>/reexecution.json`` (both tables and which verdicts held).
+It writes ``results/reexecution_<profile>.json`` (both tables and which verdicts held); not inside
+``results/<profile>/``, whose every JSON file is read as a run record.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     result = {"profile": prof.name, "seeds": args.seeds or list(prof.seeds),
               "devices": {"committed": devices(committed), "rerun": devices(rerun)},
               "committed": before, "rerun": after, "held": held(before, after)}
-    write_json_atomic(Path(args.out) if args.out else folder / "reexecution.json", result)
+    write_json_atomic(Path(args.out) if args.out else results_root() / f"reexecution_{prof.name}.json", result)
     for label, ok in result["held"].items():
         print(f"{'held' if ok else 'CHANGED':8s} {label}: {before[label]['verdict']} -> {after[label]['verdict']}")
     return result

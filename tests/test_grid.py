@@ -46,3 +46,26 @@ def test_reexecution_check_compares_verdict_words():
     before = {"A": {"verdict": "ahead"}, "B": {"verdict": "not resolved with 5 seeds"}, "C": {"verdict": "behind"}}
     after = {"A": {"verdict": "ahead"}, "B": {"verdict": "not resolved with 4 seeds"}, "C": {"verdict": "ahead"}}
     assert mod.held(before, after) == {"A": True, "B": True, "C": False}
+
+
+def test_reexecution_check_compares_two_executions_without_training(tmp_path):
+    from kdlib.run_store import write_json_atomic
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reexecution_check.py"
+    spec = importlib.util.spec_from_file_location("reexecution_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    van = [90.0, 91.0, 89.0, 90.5, 90.0]
+    executions = {"before": [2.0, 2.1, 2.2, 2.3, 2.4], "after": [-0.5, 0.4, -0.2, 0.6, -0.1]}
+    for name, gains in executions.items():
+        for s, (v, g) in enumerate(zip(van, gains, strict=True)):
+            for r in (rec("vanilla", s, v), rec("kd", s, v + g)):
+                write_json_atomic(tmp_path / name / f"{r['name']}.json", r | {"device": f"cpu ({name})"})
+    out = tmp_path / "check.json"
+    result = mod.main(["--profile", "smoke", "--before", str(tmp_path / "before"), "--after",
+                       str(tmp_path / "after"), "--out", str(out)])
+    assert result["held"] == {"KD − vanilla": False}  # ahead before, not resolved after
+    assert result["committed"]["KD − vanilla"]["verdict"] == "ahead"
+    assert result["rerun"]["KD − vanilla"]["verdict"] == "not resolved with 5 seeds"
+    assert result["devices"] == {"committed": ["cpu (before)"], "rerun": ["cpu (after)"]}
+    assert out.is_file()
