@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kdlib.bench import grid
-from kdlib.grid import grid_comparisons
+from kdlib.grid import by_entry, grid_comparisons
 from kdlib.profiles import get_profile
 from kdlib.run_store import load_records, results_root, write_json_atomic
 from kdlib.train import EngineOptions, run
@@ -70,7 +70,10 @@ def main(argv=None) -> dict:
         rerun = [run(cfg, options=options, root=cache) for cfg in grid(prof.name, args.methods, args.seeds)]
     before = verdicts(grid_comparisons(committed, student=prof.student))
     after = verdicts(grid_comparisons(rerun, student=prof.student))
-    devices = lambda recs: sorted({r.get("device", "?") for r in recs})  # noqa: E731
+
+    def devices(recs):  # of the grid's runs only: a folder may hold ablations of another execution
+        return sorted({r.get("device", "?") for rs in by_entry(recs, student=prof.student).values() for r in rs})
+
     result = {"profile": prof.name, "seeds": args.seeds or list(prof.seeds),
               "devices": {"committed": devices(committed), "rerun": devices(rerun)},
               "committed": before, "rerun": after, "held": held(before, after)}

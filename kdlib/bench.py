@@ -235,10 +235,10 @@ def submit_slurm(cluster, cfgs, launch: Launch, options: EngineOptions) -> list:
 
 def _run_local(cluster, todo, launch: Launch, options: EngineOptions):
     gpus = _gpus(options.device)
-    # One run per GPU; on a CPU one run per core, each with one torch thread. On the project's 2-core
-    # machine two one-thread runs side by side train about 1.4x the runs per minute of one two-thread
-    # run (a one-thread run alone takes 1.2-1.25x a two-thread one), and a run's floats then depend
-    # on the CPU only, not on how many cores the machine has. --jobs chooses otherwise.
+    # One run per GPU; on a CPU one run per core, each with one torch thread: a run's floats then
+    # depend on the CPU, not on how many cores the machine has (make book relies on it), and on the
+    # project's 2-core machine two one-thread runs side by side train 1.1-1.4x the runs per minute of
+    # one two-thread run (measured on the book's grid, v0.2.0 against the next). --jobs chooses otherwise.
     jobs = launch.jobs or (gpus if gpus else _cores())
     threads = max(1, _cores() // jobs)  # split the cores: concurrent runs must not oversubscribe them
     calls = [(cfg, options, threads) for cfg in todo]
