@@ -64,7 +64,7 @@ RUN_NB  := env OMP_NUM_THREADS=1 KDLIB_PROFILE=$(PROFILE) $(BIN)/jupyter execute
 book: install
 	$(BIN)/kdlib bench --profile $(PROFILE) --quiet
 	printf '%s\n' $(filter-out $(LAST),$(NOTEBOOKS)) | xargs -P $(JOBS) -I{} $(RUN_NB) {}
-	$(RUN_NB) $(LAST)
+	$(if $(LAST),$(RUN_NB) $(LAST))
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is in $(CURDIR)/_build/html/index.html"
 

@@ -38,11 +38,17 @@ def test_grid_comparisons_pair_by_seed_against_the_right_reference_and_adjust_as
     assert all(c.family == 2 for c in comps.values())
 
 
-def test_reexecution_check_compares_verdict_words():
+def reexecution_check():
+    """benchmarks/reexecution_check.py as a module (benchmarks/ is not a package)."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "reexecution_check.py"
     spec = importlib.util.spec_from_file_location("reexecution_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reexecution_check_compares_verdict_words():
+    mod = reexecution_check()
     before = {"A": {"verdict": "ahead"}, "B": {"verdict": "not resolved with 5 seeds"}, "C": {"verdict": "behind"}}
     after = {"A": {"verdict": "ahead"}, "B": {"verdict": "not resolved with 4 seeds"}, "C": {"verdict": "ahead"}}
     assert mod.held(before, after) == {"A": True, "B": True, "C": False}
@@ -51,10 +57,7 @@ def test_reexecution_check_compares_verdict_words():
 def test_reexecution_check_compares_two_executions_without_training(tmp_path):
     from kdlib.run_store import write_json_atomic
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reexecution_check.py"
-    spec = importlib.util.spec_from_file_location("reexecution_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = reexecution_check()
     van = [90.0, 91.0, 89.0, 90.5, 90.0]
     executions = {"before": [2.0, 2.1, 2.2, 2.3, 2.4], "after": [-0.5, 0.4, -0.2, 0.6, -0.1]}
     for name, gains in executions.items():
